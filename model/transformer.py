@@ -1,0 +1,246 @@
+"""A Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Qwen2.
+
+embed -> N x [RMSNorm -> GQA attention with RoPE -> residual,
+              RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits
+
+The module holds only weights. The KV cache is a separate pytree (one K and one V
+page pool per layer) that goes in and comes back out of every call, so a jitted
+step can donate it and XLA updates it in place. All caching goes through
+`attention.write_kv` and `attention.attend`.
+
+Attribute names equal the canonical parameter tree of `model/params.py`, so
+`from_params` / `to_params` are plain attribute walks. Each layer's weights are
+separate arrays: the Python loop over layers unrolls at trace time and reads each
+weight where it lies, with no per-layer slicing of a stacked array.
+
+Dimension names in shape comments: B batch, T new tokens per sequence, D hidden,
+H query heads, K kv heads, G queries per kv head, Dh head dim, F MLP width,
+V vocabulary, P pages, S page size, NB pages per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model import attention
+from model import params as params_lib
+from model.config import ModelConfig
+
+# One (K, V) pair of page pools per layer, each [P, S, K, Dh].
+KVPages = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [Dh/2], with llama3 or linear scaling applied."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  if scaling.type == "linear":
+    return (inv_freq / scaling.factor).astype(np.float32)
+  # llama3: keep high frequencies, divide low ones by `factor`, blend between.
+  old_ctx = scaling.original_max_position_embeddings
+  low_wavelen = old_ctx / scaling.low_freq_factor
+  high_wavelen = old_ctx / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (the Hugging Face convention). x: [B, T, N, Dh]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, Dh/2] each
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32, scaled in the compute dtype (as transformers does)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _init(shape: tuple[int, ...], name: str, dtype, rngs: nnx.Rngs) -> jax.Array:
+  if name.endswith("norm"):
+    return jnp.ones(shape, dtype)
+  if name.endswith("bias"):
+    return jnp.zeros(shape, dtype)
+  return (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class Block(nnx.Module):
+  """One decoder layer. Weights are named as in `params.layer_shapes`."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    for name, shape in params_lib.layer_shapes(config).items():
+      setattr(self, name, nnx.Param(_init(shape, name, config.weight_dtype, rngs)))
+
+  def __call__(self, x, positions, inv_freq, kv, slots, block_tables, kv_lens,
+               attention_impl):
+    cfg = self.config
+    dtype = cfg.dtype
+    batch, q_len, _ = x.shape
+
+    h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)  # [B, T, D]
+    q = jnp.einsum("btd,dn->btn", h, self.q[...].astype(dtype))
+    k = jnp.einsum("btd,dn->btn", h, self.k[...].astype(dtype))
+    v = jnp.einsum("btd,dn->btn", h, self.v[...].astype(dtype))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dtype)
+      k = k + self.k_bias[...].astype(dtype)
+      v = v + self.v_bias[...].astype(dtype)
+    q = q.reshape(batch, q_len, cfg.num_heads, cfg.head_dim)  # [B, T, H, Dh]
+    k = k.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, Dh]
+    v = v.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, Dh]
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    k_pages, v_pages = attention.write_kv(kv[0], kv[1], k, v, slots)
+    attn = attention.attend(q, k_pages, v_pages, block_tables, positions, kv_lens,
+                            impl=attention_impl)  # [B, T, H, Dh]
+    attn = attn.reshape(batch, q_len, cfg.num_heads * cfg.head_dim)
+    x = x + jnp.einsum("btn,nd->btd", attn, self.o[...].astype(dtype))
+
+    h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, self.gate[...].astype(dtype))
+    up = jnp.einsum("btd,df->btf", h, self.up[...].astype(dtype))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
+                       self.down[...].astype(dtype))
+    return x, (k_pages, v_pages)
+
+
+class Transformer(nnx.Module):
+  """The decoder. Call it on a batch of new tokens and the KV page pools."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
+               attention_impl: str = "xla"):
+    self.config = config
+    self.attention_impl = attention_impl
+    dtype = config.weight_dtype
+    shapes = params_lib.param_shapes(config)
+    self.embed = nnx.Param(_init(shapes["embed"], "embed", dtype, rngs))
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = nnx.Param(jnp.ones(shapes["final_norm"], dtype))
+    if not config.tie_word_embeddings:
+      self.lm_head = nnx.Param(_init(shapes["lm_head"], "lm_head", dtype, rngs))
+    # A constant, not a parameter: not saved, not sharded, folded by XLA.
+    self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages,
+               slots: jax.Array, block_tables: jax.Array, kv_lens: jax.Array,
+               logits_indices: jax.Array | None = None,
+               ) -> tuple[jax.Array, KVPages]:
+    """Runs new tokens through the network, writing their K/V into the pages.
+
+    Args:
+      tokens: [B, T] int32 token ids (padding: any id).
+      positions: [B, T] int32 absolute positions.
+      kv: the page pools, one (K, V) pair per layer.
+      slots: [B, T] int32 flat cache slot per token (out of range for padding).
+      block_tables: [B, NB] int32 pages of each sequence.
+      kv_lens: [B] int32 cached tokens per sequence after this step.
+      logits_indices: [B] int32 which token of each row to compute logits for
+        (the last real one), or None for logits at every position.
+
+    Returns (float32 logits [B, V] or [B, T, V], updated page pools).
+    """
+    cfg = self.config
+    x = self.embed[...][tokens].astype(cfg.dtype)  # [B, T, D]
+    inv_freq = self.inv_freq[...]
+    new_kv = []
+    for layer, layer_kv in zip(self.layers, kv):
+      x, layer_kv = layer(x, positions, inv_freq, layer_kv, slots, block_tables,
+                          kv_lens, self.attention_impl)
+      new_kv.append(layer_kv)
+    if logits_indices is not None:
+      x = x[jnp.arange(x.shape[0]), logits_indices]  # [B, D]
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+      logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+    return logits, tuple(new_kv)
+
+
+# Weights in and out ------------------------------------------------------------
+
+
+def from_params(config: ModelConfig, params: params_lib.Params,
+                attention_impl: str = "xla") -> Transformer:
+  """Builds a Transformer holding `params` (numpy or jax arrays, any sharding).
+
+  The module is created abstractly (no random init is materialized), then each
+  canonical tensor is placed in its attribute.
+  """
+  params_lib.check(params, config)
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0),
+                                             attention_impl=attention_impl))
+  for name, value in params_lib.flatten(params).items():
+    owner, attr = _owner(model, name)
+    getattr(owner, attr).set_value(_as_array(value, config.weight_dtype))
+  model.inv_freq.set_value(jnp.asarray(rope_inv_freq(config)))
+  return model
+
+
+def to_params(model: Transformer) -> params_lib.Params:
+  """The canonical parameter tree of `model` (jax arrays, shardings kept)."""
+  flat = {name: getattr(*_owner(model, name))[...]
+          for name in params_lib.flatten(params_lib.param_shapes(model.config))}
+  return params_lib.unflatten(flat, model.config)
+
+
+def _owner(model: Transformer, name: str):
+  parts = name.split(".")
+  if parts[0] == "layers":
+    return model.layers[int(parts[1])], parts[2]
+  return model, parts[0]
+
+
+def _as_array(value, dtype) -> jax.Array:
+  if isinstance(value, jax.Array):
+    return value if value.dtype == dtype else value.astype(dtype)
+  return jnp.asarray(np.asarray(value), dtype=dtype)
+
+
+def init_kv_pages(config: ModelConfig, num_pages: int, page_size: int,
+                  dtype=None, sharding=None) -> KVPages:
+  """Zeroed page pools: one (K, V) pair of [P, S, K, Dh] arrays per layer."""
+  shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+  dtype = jnp.dtype(dtype or config.compute_dtype)
+  make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+  return tuple((make(), make()) for _ in range(config.num_layers))
+
+
+def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict[str, np.ndarray]:
+  """Inputs for a whole-prompt forward where sequence b owns pages laid out
+  contiguously (b * NB ... b * NB + NB - 1): used by tests and single-shot scoring."""
+  batch, max_len = len(lengths), max(lengths)
+  pages_per_seq = -(-max_len // page_size)
+  positions = np.tile(np.arange(max_len, dtype=np.int32), (batch, 1))
+  block_tables = (np.arange(batch)[:, None] * pages_per_seq
+                  + np.arange(pages_per_seq)[None, :]).astype(np.int32)
+  slots = (block_tables[:, positions[0] // page_size] * page_size
+           + positions % page_size).astype(np.int32)
+  for b, n in enumerate(lengths):
+    slots[b, n:] = np.iinfo(np.int32).max  # padding: dropped
+  return dict(positions=positions, slots=slots, block_tables=block_tables,
+              kv_lens=np.asarray(lengths, np.int32),
+              num_pages=np.int32(batch * pages_per_seq))

