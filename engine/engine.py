@@ -1,0 +1,296 @@
+"""The public API: Engine, SamplingParams, RequestOutput.
+
+```python
+engine = Engine.from_checkpoint(path, EngineConfig(max_batch=32))
+outputs = engine.generate(["Hello", [{"role": "user", "content": "Hi"}]],
+                          SamplingParams(temperature=0, max_tokens=64))
+for delta in engine.stream("Tell me a story", SamplingParams(max_tokens=32)):
+  print(delta.text, end="")
+```
+
+Prompts are strings, token-id lists or chat message lists. A prompt that cannot
+run (empty, too long, bad token ids, invalid parameters) fails alone: its output
+has `finish_reason == "error"` and an `error` message; the rest of the batch runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.runner import Runner
+from engine.sampling import SamplingParams
+from engine.scheduler import Request, Scheduler
+from model import transformer as transformer_lib
+from model.config import ModelConfig
+
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+__all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput",
+           "CompletionOutput", "StreamOutput"]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+  index: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+  stop_reason: int | str | None = None
+  logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+  """Seconds. queue_time: arrival to first scheduled; ttft: arrival to first
+  token; tpot: mean time per output token after the first."""
+
+  arrival_time: float
+  queue_time: float | None = None
+  ttft: float | None = None
+  tpot: float | None = None
+  e2e: float | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  request_id: str
+  prompt: Any
+  prompt_token_ids: list[int]
+  outputs: list[CompletionOutput]
+  finished: bool
+  metrics: RequestMetrics
+  error: str | None = None
+
+  # The first (usually only) completion, for convenience.
+  @property
+  def text(self) -> str:
+    return self.outputs[0].text
+
+  @property
+  def token_ids(self) -> list[int]:
+    return self.outputs[0].token_ids
+
+  @property
+  def finish_reason(self) -> str | None:
+    return self.outputs[0].finish_reason
+
+
+@dataclasses.dataclass
+class StreamOutput:
+  """A piece of one completion: `text` and `token_ids` are new since the last one."""
+
+  prompt_index: int
+  request_id: str
+  index: int
+  text: str
+  token_ids: list[int]
+  finished: bool
+  finish_reason: str | None
+  error: str | None = None
+
+
+class Engine:
+  """Offline and streaming generation over a paged KV cache."""
+
+  def __init__(self, model: transformer_lib.Transformer, tokenizer=None,
+               config: EngineConfig | None = None, kv_sharding=None):
+    self.config = config = config or EngineConfig()
+    self.model_config: ModelConfig = model.config
+    self.tokenizer = tokenizer
+    if config.max_model_len > model.config.max_position_embeddings:
+      raise ValueError(
+          f"max_model_len ({config.max_model_len}) exceeds the model's "
+          f"max_position_embeddings ({model.config.max_position_embeddings})")
+    num_pages = config.num_pages or self._pages_from_budget(config, model.config)
+    self.runner = Runner(model, config, num_pages, kv_sharding)
+    eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
+    self.scheduler = Scheduler(self.runner, config, eos_ids)
+    self._rng = np.random.default_rng(config.seed)
+    self._ids = itertools.count()
+    self._failed: dict[str, RequestOutput] = {}
+
+  @staticmethod
+  def _pages_from_budget(config: EngineConfig, model_config: ModelConfig) -> int:
+    page_bytes = config.page_size * model_config.kv_bytes_per_token(config.kv_dtype)
+    num_pages = config.kv_cache_bytes // page_bytes
+    if num_pages < config.max_pages_per_seq:
+      need = config.max_pages_per_seq * page_bytes
+      raise ValueError(
+          f"the KV cache cannot hold one sequence of max_model_len={config.max_model_len} "
+          f"tokens: that needs {need / 2**20:.1f} MiB ({config.max_pages_per_seq} pages of "
+          f"{page_bytes} bytes) and kv_cache_bytes allows {config.kv_cache_bytes / 2**20:.1f} "
+          f"MiB; raise kv_cache_bytes or lower max_model_len")
+    return int(num_pages)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, config: EngineConfig | None = None, tokenizer=None,
+                      **kwargs) -> "Engine":
+    from model import checkpoint  # orbax is only needed when restoring
+    model_config, params = checkpoint.restore(path)
+    return cls(transformer_lib.from_params(model_config, params), tokenizer, config, **kwargs)
+
+  # Requests -----------------------------------------------------------------
+
+  def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                  request_id: str | None = None) -> str:
+    """Queues one prompt; returns its request id. Never raises for bad input:
+    a request that cannot run is recorded as failed (see `get_output`)."""
+    request_id = request_id if request_id is not None else str(next(self._ids))
+    if request_id in self.scheduler.requests or request_id in self._failed:
+      raise ValueError(f"duplicate request_id {request_id!r}")
+    arrival = time.perf_counter()
+    try:
+      params = params if params is not None else SamplingParams()
+      params.validate()
+      prompt_ids = self._tokenize(prompt)
+      max_tokens = self._check_length(prompt_ids, params)
+      if params.stop and self.tokenizer is None:
+        raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+    except (ValueError, TypeError) as e:
+      self._failed[request_id] = RequestOutput(
+          request_id, prompt, [], [CompletionOutput(0, "", [], "error")], True,
+          RequestMetrics(arrival), error=str(e))
+      return request_id
+    seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+    tok = self.tokenizer
+    self.scheduler.add(Request(
+        request_id, prompt_ids, params, arrival, seed, max_tokens,
+        detokenizer_factory=(lambda: tok.detokenizer(prompt_ids)) if tok else None))
+    return request_id
+
+  def _tokenize(self, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+      ids = self.tokenizer.encode(prompt)
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+      if self.tokenizer is None:
+        raise ValueError("a chat prompt needs a tokenizer")
+      for m in prompt:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+          raise ValueError(f"each chat message needs string 'role' and 'content', got {m!r}")
+      ids = self.tokenizer.encode_chat(list(prompt))
+    elif isinstance(prompt, Sequence) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+      ids = [int(t) for t in prompt]
+      vocab = self.model_config.vocab_size
+      bad = [t for t in ids if not 0 <= t < vocab]
+      if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+    else:
+      raise ValueError("a prompt must be a string, a list of token ids or a list of "
+                       f"chat messages, got {type(prompt).__name__}")
+    if not ids:
+      raise ValueError("empty prompt")
+    return ids
+
+  def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    limit = self.config.max_model_len
+    if len(prompt_ids) >= limit:
+      raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_model_len is {limit}, "
+                       "which must leave room for at least one generated token")
+    room = limit - len(prompt_ids)
+    return room if params.max_tokens is None else min(params.max_tokens, room)
+
+  def abort(self, request_id: str) -> bool:
+    """Stops a request; its pages are freed at once. Returns whether it was live."""
+    return self.scheduler.abort(request_id)
+
+  def has_unfinished(self) -> bool:
+    return self.scheduler.has_work()
+
+  def step(self):
+    """One scheduler step; returns the per-sequence deltas it produced."""
+    return self.scheduler.step()
+
+  def get_output(self, request_id: str) -> RequestOutput:
+    if request_id in self._failed:
+      return self._failed[request_id]
+    request = self.scheduler.requests[request_id]
+    seqs = sorted(request.seqs, key=lambda s: s.index)
+    outputs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
+                                s.stop_reason,
+                                list(s.logprobs) if request.params.logprobs is not None else None)
+               for s in seqs]
+    m = RequestMetrics(request.arrival_time)
+    if request.first_scheduled_time is not None:
+      m.queue_time = request.first_scheduled_time - request.arrival_time
+    if request.first_token_time is not None:
+      m.ttft = request.first_token_time - request.arrival_time
+    if request.finish_time is not None:
+      m.e2e = request.finish_time - request.arrival_time
+      n_out = max(len(s.output_ids) for s in seqs)
+      if n_out > 1 and request.first_token_time is not None:
+        m.tpot = (request.finish_time - request.first_token_time) / (n_out - 1)
+    return RequestOutput(request_id, None, list(request.prompt_ids), outputs,
+                         request.finished, m)
+
+  def release(self, request_id: str) -> None:
+    """Forgets a finished request (its output can no longer be fetched)."""
+    if self._failed.pop(request_id, None) is None:
+      request = self.scheduler.requests[request_id]
+      if not request.finished:
+        raise ValueError(f"request {request_id!r} is still running")
+      del self.scheduler.requests[request_id]
+
+  # Batch APIs -------------------------------------------------------------------
+
+  def _submit(self, prompts, params) -> list[str]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+      prompts = [prompts]
+    if params is None or isinstance(params, SamplingParams):
+      params = [params] * len(prompts)
+    if len(params) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+
+  def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+               ) -> list[RequestOutput]:
+    """Runs every prompt to completion; outputs in input order."""
+    ids = self._submit(prompts, params)
+    pending = {i for i in ids if i not in self._failed}
+    while pending:
+      self.step()
+      pending = {i for i in pending if not self.scheduler.requests[i].finished}
+    outputs = []
+    for i, prompt in zip(ids, prompts if not isinstance(prompts, str) else [prompts]):
+      out = self.get_output(i)
+      out.prompt = prompt
+      outputs.append(out)
+      self.release(i)
+    return outputs
+
+  def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+             ) -> Iterator[StreamOutput]:
+    """Yields text deltas as tokens are produced, for one prompt or many."""
+    ids = self._submit(prompts, params)
+    index = {rid: k for k, rid in enumerate(ids)}
+    for rid in ids:
+      if rid in self._failed:
+        yield StreamOutput(index[rid], rid, 0, "", [], True, "error",
+                           self._failed[rid].error)
+    live = {rid for rid in ids if rid not in self._failed}
+    try:
+      while live:
+        for d in self.step():
+          if d.request_id in index:
+            yield StreamOutput(index[d.request_id], d.request_id, d.index, d.text,
+                               d.token_ids, d.finished, d.finish_reason)
+        live = {rid for rid in live if not self.scheduler.requests[rid].finished}
+    finally:
+      for rid in ids:
+        if rid in live:
+          self.abort(rid)
+        self.release(rid)
+
+  def num_free_pages(self) -> int:
+    return self.scheduler.allocator.num_free
+
+  def kv_utilization(self) -> float:
+    return self.scheduler.allocator.utilization()

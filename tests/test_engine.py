@@ -1,0 +1,238 @@
+"""Engine core on a tiny random model: batching, chunking, donation, pages, sampling."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import models
+from engine.engine import Engine, EngineConfig, SamplingParams
+from model import transformer as transformer_lib
+
+CONFIG = EngineConfig(page_size=8, num_pages=96, max_model_len=64, max_batch=8,
+                      prefill_chunk=32, max_prefill_batch=4)
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  return Engine(model, None, CONFIG)
+
+
+def _prompts(n, seed=0, lo=1, hi=40):
+  rng = np.random.default_rng(seed)
+  return [[int(t) for t in rng.integers(1, 512, size=int(rng.integers(lo, hi)))]
+          for _ in range(n)]
+
+
+def _run_staggered(engine, prompts, params, seed=0):
+  """Adds requests at random steps while others run; returns outputs in order."""
+  rng = np.random.default_rng(seed)
+  arrive_at = sorted(rng.integers(0, 10, size=len(prompts)))
+  ids, step = [], 0
+  while len(ids) < len(prompts) or engine.has_unfinished():
+    while len(ids) < len(prompts) and arrive_at[len(ids)] <= step:
+      p = params[len(ids)] if isinstance(params, list) else params
+      ids.append(engine.add_request(prompts[len(ids)], p))
+    engine.step()
+    step += 1
+  outs = [engine.get_output(i) for i in ids]
+  for i in ids:
+    engine.release(i)
+  return outs
+
+
+def test_batch_invariance_greedy_and_seeded(engine):
+  prompts = _prompts(16)
+  alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+  batched = _run_staggered(engine, prompts, GREEDY)
+  assert [o.token_ids for o in batched] == alone
+  assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in batched)
+
+  seeded = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, min_p=0.01, seed=s,
+                           max_tokens=8) for s in range(16)]
+  alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, seeded)]
+  batched = _run_staggered(engine, prompts, seeded, seed=1)
+  assert [o.token_ids for o in batched] == alone
+  assert engine.num_free_pages() == CONFIG.num_pages
+
+
+def test_seeded_samples_differ_across_seeds_and_follow_temperature(engine):
+  prompt = _prompts(1, seed=3)[0]
+  a = engine.generate([prompt], SamplingParams(temperature=1.0, seed=1, max_tokens=12))[0]
+  b = engine.generate([prompt], SamplingParams(temperature=1.0, seed=2, max_tokens=12))[0]
+  assert a.token_ids != b.token_ids
+  # top_k=1 is greedy whatever the temperature.
+  k1 = engine.generate([prompt], SamplingParams(temperature=5.0, top_k=1, seed=1,
+                                                max_tokens=12))[0]
+  assert k1.token_ids == engine.generate([prompt], GREEDY)[0].token_ids
+
+
+def test_chunked_prefill_equals_one_shot(model):
+  prompts = _prompts(4, seed=5, lo=40, hi=52)
+  one_shot = Engine(model, None, EngineConfig(
+      page_size=8, num_pages=96, max_model_len=64, max_batch=4, prefill_chunk=64,
+      max_prefill_batch=1)).generate(prompts, GREEDY)
+  chunked_engine = Engine(model, None, EngineConfig(
+      page_size=8, num_pages=96, max_model_len=64, max_batch=4, prefill_chunk=16,
+      max_prefill_batch=1))
+  chunked = chunked_engine.generate(prompts, GREEDY)
+  assert [o.token_ids for o in chunked] == [o.token_ids for o in one_shot]
+  assert chunked_engine.scheduler.stats["steps"] > len(prompts) * 3  # really chunked
+
+
+def test_donation_deletes_old_pool_and_aliases(engine):
+  rid = engine.add_request([1, 2, 3], GREEDY)
+  engine.step()  # prefill
+  old = engine.runner.kv
+  engine.step()  # decode
+  assert all(x.is_deleted() for x in (old[0][0], old[0][1], old[-1][1]))
+  assert not engine.runner.kv[0][0].is_deleted()
+  engine.abort(rid)
+  engine.release(rid)
+  # The compiled step aliases the page pools to its outputs.
+  runner = engine.runner
+  args = [np.zeros((1, 1), np.int32)] * 3 + [np.zeros((1, 1), np.int32),
+                                             np.ones(1, np.int32), np.zeros(1, np.int32)]
+  hlo = runner._step.lower(runner.state, runner.kv, *args).compile().as_text()
+  assert "input_output_alias" in hlo
+  assert hlo.count("may-alias") + hlo.count("must-alias") >= 2 * models.get("tiny").num_layers
+
+
+def test_no_page_leaks_with_aborts_and_errors(engine):
+  prompts = _prompts(10, seed=7)
+  ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=30)) for p in prompts]
+  bad = [engine.add_request([], GREEDY), engine.add_request([7] * 100, GREEDY),
+         engine.add_request([1, 99999], GREEDY)]
+  multi = engine.add_request(prompts[0], SamplingParams(n=3, temperature=1.0, seed=4,
+                                                        max_tokens=20))
+  for _ in range(3):
+    engine.step()
+  engine.abort(ids[1])
+  engine.abort(multi)
+  while engine.has_unfinished():
+    engine.step()
+    engine.abort(ids[5])
+  assert engine.get_output(ids[1]).finish_reason == "abort"
+  assert engine.get_output(ids[5]).finish_reason == "abort"
+  assert engine.get_output(ids[0]).finish_reason == "length"
+  assert [engine.get_output(b).finish_reason for b in bad[:2]] == ["error", "error"]
+  assert "empty prompt" in engine.get_output(bad[0]).error
+  assert "max_model_len" in engine.get_output(bad[1]).error
+  for i in ids + bad + [multi]:
+    engine.release(i)
+  assert engine.num_free_pages() == CONFIG.num_pages
+
+
+def test_bad_requests_fail_alone(engine):
+  prompts = [[1, 2, 3], [], [5] * 80, [1, 99999], "text without tokenizer", [4, 5, 6]]
+  outs = engine.generate(prompts, GREEDY)
+  assert [o.finish_reason for o in outs] == ["length", "error", "error", "error", "error",
+                                             "length"]
+  assert "out of range" in outs[3].error and "tokenizer" in outs[4].error
+  assert outs[0].token_ids == engine.generate([[1, 2, 3]], GREEDY)[0].token_ids
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n", 0), ("max_tokens", 0), ("min_tokens", -1), ("temperature", -0.5),
+    ("temperature", float("nan")), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5),
+    ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("seed", -1),
+    ("stop", [""]), ("stop_token_ids", [-1]), ("logprobs", 21), ("logprobs", -1),
+    ("ignore_eos", "yes"),
+])
+def test_invalid_sampling_parameters_are_named(name, value):
+  with pytest.raises(ValueError, match=name):
+    SamplingParams(**{name: value})
+
+
+def test_min_tokens_above_max_tokens_rejected():
+  with pytest.raises(ValueError, match="min_tokens"):
+    SamplingParams(min_tokens=5, max_tokens=3)
+
+
+def test_invalid_params_fail_that_request_only(engine):
+  sp = SamplingParams(temperature=0, max_tokens=4)
+  bad = SamplingParams(temperature=0, max_tokens=4)
+  bad.top_p = 7.0  # mutated after construction: caught at submission
+  outs = engine.generate([[1, 2], [3, 4]], [bad, sp])
+  assert outs[0].finish_reason == "error" and "top_p" in outs[0].error
+  assert outs[1].finish_reason == "length"
+
+
+def test_stop_token_ids_min_tokens_and_logprobs(engine):
+  prompt = [3, 1, 4, 1, 5]
+  base = engine.generate([prompt], GREEDY)[0].token_ids
+  stop_tok = base[4]
+  out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                 stop_token_ids=[stop_tok]))[0]
+  first = base.index(stop_tok)
+  assert out.token_ids == base[:first + 1]
+  assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_tok
+  # min_tokens bans the stop token until enough tokens exist.
+  out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=12,
+                                                 stop_token_ids=[stop_tok]))[0]
+  assert len(out.token_ids) == 12 and stop_tok not in out.token_ids
+  out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=5, logprobs=3))[0]
+  lps = out.outputs[0].logprobs
+  assert len(lps) == 5
+  for tok, lp in zip(out.token_ids, lps):
+    assert tok in lp and len(lp) == 3  # greedy: the sampled token is the top one
+    assert max(lp.values()) == pytest.approx(lp[tok])
+    assert all(v <= 0 for v in lp.values())
+
+
+def test_penalties_change_output_and_stay_batch_invariant(engine):
+  prompt = [7, 7, 7, 7, 9, 9]
+  greedy = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
+  pen = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.8,
+                       frequency_penalty=1.5, presence_penalty=1.0)
+  alone = engine.generate([prompt], pen)[0]
+  assert alone.token_ids != greedy.token_ids
+  mixed = engine.generate([prompt, [1, 2, 3]], [pen, GREEDY])
+  assert mixed[0].token_ids == alone.token_ids
+
+
+def test_n_samples_share_prompt_pages(engine):
+  prompt = _prompts(1, seed=11, lo=20, hi=21)[0]
+  sp = SamplingParams(n=4, temperature=1.0, seed=9, max_tokens=10)
+  out = engine.generate([prompt], sp)[0]
+  assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]
+  assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+  again = engine.generate([prompt, [5, 6]], [sp, GREEDY])[0]
+  assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+  assert engine.num_free_pages() == CONFIG.num_pages
+
+
+def test_stream_yields_tokens_and_ends(engine):
+  prompts = _prompts(3, seed=2)
+  final = engine.generate(prompts, GREEDY)
+  got = {0: [], 1: [], 2: []}
+  reasons = {}
+  for d in engine.stream(prompts, GREEDY):
+    got[d.prompt_index] += d.token_ids
+    if d.finished:
+      reasons[d.prompt_index] = d.finish_reason
+  assert [got[i] for i in range(3)] == [o.token_ids for o in final]
+  assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_compiled_variants_bounded_over_200_requests(model):
+  cfg = EngineConfig(page_size=8, num_pages=160, max_model_len=64, max_batch=16,
+                     prefill_chunk=32, max_prefill_batch=4)
+  engine = Engine(model, None, cfg)
+  rng = np.random.default_rng(0)
+  prompts = _prompts(200, seed=1, lo=1, hi=45)
+  params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 64 - len(p))))
+            for p in prompts]
+  outs = engine.generate(prompts, params)
+  assert all(len(o.token_ids) == sp.max_tokens for o, sp in zip(outs, params))
+  compiled = engine.runner._step._cache_size()
+  assert compiled == len(engine.runner.variants)
+  assert compiled <= cfg.max_step_variants()
+  print(f"compiled step variants: {compiled} (bound {cfg.max_step_variants()})")
+  assert engine.num_free_pages() == cfg.num_pages
