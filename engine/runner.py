@@ -27,9 +27,6 @@ from engine import kv_cache
 from engine.config import EngineConfig
 from model import transformer as transformer_lib
 
-_DROP_SLOT = np.iinfo(np.int32).max  # slot of padding tokens: the scatter drops it
-
-
 @dataclasses.dataclass
 class Row:
   """One sequence's part of a step: `tokens` at positions start, start+1, ..."""
@@ -53,10 +50,18 @@ class Runner:
                num_pages: int, kv_sharding=None):
     self.model_config = model.config
     self.config = config
-    self.num_pages = num_pages
+    self.num_pages = num_pages  # pages sequences may own
     self.graphdef, self.state = nnx.split(model)
+    # One extra page at index `num_pages` that no sequence owns: padding tokens
+    # write their K/V there (see attention.write_kv).
     self.kv = transformer_lib.init_kv_pages(
-        model.config, num_pages, config.page_size, config.kv_dtype, kv_sharding)
+        model.config, num_pages + 1, config.page_size, config.kv_dtype, kv_sharding)
+    self._scratch_slot = num_pages * config.page_size
+    # Commit every input to its device: a jitted call caches on whether its
+    # arguments are committed, and the step's outputs always are, so uncommitted
+    # initial arrays would compile every variant twice.
+    self.state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.state)
+    self.kv = jax.tree.map(lambda x: jax.device_put(x, x.sharding), self.kv)
     self._step = jax.jit(self._forward, donate_argnums=(1,))
     # Shape keys (B, T, NB) run so far: each distinct key is one compiled variant.
     self.variants: set[tuple[int, int, int]] = set()
@@ -87,7 +92,7 @@ class Runner:
     page_size = self.config.page_size
     tokens = np.zeros((b, t), np.int32)
     positions = np.zeros((b, t), np.int32)
-    slots = np.full((b, t), _DROP_SLOT, np.int32)
+    slots = np.full((b, t), self._scratch_slot, np.int32)
     block_tables = np.zeros((b, nb), np.int32)
     kv_lens = np.zeros(b, np.int32)
     logits_indices = np.zeros(b, np.int32)

@@ -31,8 +31,10 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
   Args:
     k_pages, v_pages: [P, S, KVH, D] page pools of one layer.
     k, v: [B, T, KVH, D] keys and values of the new tokens.
-    slots: [B, T] int32 flat slot per token; padding tokens carry an
-      out-of-range slot (>= P * S) and are dropped.
+    slots: [B, T] int32 flat slot per token, all in range. Padding tokens
+      point at a scratch page that no sequence owns: an out-of-range index with
+      mode="drop" would make XLA read the old value to select against it, and
+      that read forces a copy of the whole pool before the in-place update.
 
   Returns the updated pools. Under a jit that donates the pools the scatter is
   done in place.
@@ -43,7 +45,14 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
   def scatter(pages, new):
     pages = pages.reshape(num_pages * page_size, kv_heads, head_dim)
     new = new.reshape(-1, kv_heads, head_dim).astype(pages.dtype)
-    pages = pages.at[flat].set(new, mode="drop")
+    idx = flat
+    if idx.shape[0] == 1:
+      # XLA turns a one-index scatter into a dynamic-update-slice, and a pool
+      # updated that way and then read (by attention) is copied whole before the
+      # update: 60 pool copies per step on CPU, measured. Writing the same value
+      # twice keeps it a scatter, which XLA does in place.
+      idx, new = jnp.concatenate([idx, idx]), jnp.concatenate([new, new])
+    pages = pages.at[idx].set(new, mode="promise_in_bounds")
     return pages.reshape(num_pages, page_size, kv_heads, head_dim)
 
   return scatter(k_pages, k), scatter(v_pages, v)

@@ -23,3 +23,6 @@ def gguf_path() -> pathlib.Path:
   raise FileNotFoundError(
       f"{GGUF_NAME} not found in {list(spec.submodule_search_locations)}; "
       f"reinstall with `{INSTALL_HINT}`")
+
+# The name of its converted (dequantized, float32) orbax checkpoint in a cache dir.
+CHECKPOINT_NAME = "smollm2-135m-instruct-f32"

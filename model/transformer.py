@@ -152,7 +152,7 @@ class Transformer(nnx.Module):
       tokens: [B, T] int32 token ids (padding: any id).
       positions: [B, T] int32 absolute positions.
       kv: the page pools, one (K, V) pair per layer.
-      slots: [B, T] int32 flat cache slot per token (out of range for padding).
+      slots: [B, T] int32 flat cache slot per token (a scratch slot for padding).
       block_tables: [B, NB] int32 pages of each sequence.
       kv_lens: [B] int32 cached tokens per sequence after this step.
       logits_indices: [B] int32 which token of each row to compute logits for
@@ -231,7 +231,8 @@ def init_kv_pages(config: ModelConfig, num_pages: int, page_size: int,
 
 def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict[str, np.ndarray]:
   """Inputs for a whole-prompt forward where sequence b owns pages laid out
-  contiguously (b * NB ... b * NB + NB - 1): used by tests and single-shot scoring."""
+  contiguously (b * NB ... b * NB + NB - 1), plus one scratch page last for the
+  padding tokens: used by tests and single-shot scoring."""
   batch, max_len = len(lengths), max(lengths)
   pages_per_seq = -(-max_len // page_size)
   positions = np.tile(np.arange(max_len, dtype=np.int32), (batch, 1))
@@ -239,8 +240,8 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict[str, np.nd
                   + np.arange(pages_per_seq)[None, :]).astype(np.int32)
   slots = (block_tables[:, positions[0] // page_size] * page_size
            + positions % page_size).astype(np.int32)
+  scratch = batch * pages_per_seq
   for b, n in enumerate(lengths):
-    slots[b, n:] = np.iinfo(np.int32).max  # padding: dropped
+    slots[b, n:] = scratch * page_size
   return dict(positions=positions, slots=slots, block_tables=block_tables,
-              kv_lens=np.asarray(lengths, np.int32),
-              num_pages=np.int32(batch * pages_per_seq))
+              kv_lens=np.asarray(lengths, np.int32), num_pages=np.int32(scratch + 1))

