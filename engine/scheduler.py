@@ -116,6 +116,7 @@ class Scheduler:
     self.requests: dict[str, Request] = {}
     self._arrivals = 0
     self.stats = collections.Counter()
+    self.last_decode_batch = 0
 
   # Admission ----------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Scheduler:
   def step(self) -> list[Delta]:
     touched: list[Seq] = []
     decode = self._schedule_decode()
+    self.last_decode_batch = len(decode)
     if decode:
       touched += self._run(decode, [1] * len(decode))
     prefill, chunks = self._schedule_prefill()
