@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE_DIR ?= $(HOME)/.cache/ridgeline
 OUTPUT ?= outputs/prompts.out.jsonl
+GENERATE_FLAGS ?=
 
 .PHONY: setup setup-test generate test clean
 
@@ -24,8 +25,11 @@ $(VENV)/.test: $(VENV)/.runtime
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
+# Resumes if $(OUTPUT) exists (delete it, or pass GENERATE_FLAGS=--overwrite, to start over).
 generate: setup
-	$(PY) scripts/generate.py --input examples/prompts.jsonl --cache_dir $(CACHE_DIR)
+	$(PY) scripts/batch_generate.py --input examples/prompts.jsonl --output $(OUTPUT) \
+	  --cache_dir $(CACHE_DIR) --compilation_cache_dir $(CACHE_DIR)/jax_cache --show 5 \
+	  $(GENERATE_FLAGS)
 
 test: setup-test
 	$(PY) -m pytest -q tests

@@ -20,8 +20,10 @@ class EngineConfig:
   """Cache layout and step shapes.
 
   page_size: tokens per KV page.
-  num_pages: pages in the pool; None sizes it from `kv_cache_bytes`.
-  kv_cache_bytes: byte budget for the page pool when num_pages is None.
+  num_pages: pages in the pool; None sizes it from a byte budget: `kv_cache_bytes`
+    if set, else `memory_fraction` of the device memory minus what is already in
+    use (the weights), else (devices that report no memory, like CPUs)
+    `cpu_kv_cache_bytes`.
   max_batch: most sequences in one decode step.
   max_model_len: most tokens (prompt + output) of one sequence.
   prefill_chunk: most prompt tokens one sequence computes per step; longer
@@ -29,25 +31,37 @@ class EngineConfig:
   max_prefill_batch: most sequences prefilled together in one step.
   kv_dtype: KV cache dtype (default: the model's compute dtype).
   seed: seeds the engine's choice of seeds for requests that give none.
+  max_waiting: bound of the waiting queue; submissions past it raise CapacityError.
+  max_step_ms: latency bound the planner keeps each step under (by the roofline
+    estimate); None for no bound.
   """
 
   page_size: int = 16
   num_pages: int | None = None
-  kv_cache_bytes: int = 512 * 2**20
+  kv_cache_bytes: int | None = None
+  memory_fraction: float = 0.9
+  cpu_kv_cache_bytes: int = 512 * 2**20
   max_batch: int = 64
   max_model_len: int = 2048
   prefill_chunk: int = 512
   max_prefill_batch: int = 8
   kv_dtype: str | None = None
   seed: int = 0
+  max_waiting: int = 4096
+  max_step_ms: float | None = None
 
   def __post_init__(self):
     for field in ("page_size", "max_batch", "max_model_len", "prefill_chunk",
-                  "max_prefill_batch", "kv_cache_bytes"):
+                  "max_prefill_batch", "cpu_kv_cache_bytes", "max_waiting"):
       if getattr(self, field) < 1:
         raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
     if self.num_pages is not None and self.num_pages < 1:
       raise ValueError(f"EngineConfig.num_pages must be >= 1, got {self.num_pages}")
+    if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+      raise ValueError(f"EngineConfig.kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+    if not 0 < self.memory_fraction <= 1:
+      raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got "
+                       f"{self.memory_fraction}")
 
   @property
   def max_pages_per_seq(self) -> int:

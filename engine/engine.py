@@ -15,14 +15,19 @@ has `finish_reason == "error"` and an `error` message; the rest of the batch run
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 
+from engine import roofline
 from engine.config import EngineConfig
+from engine.metrics import Metrics
+from engine.planner import Planner
 from engine.runner import Runner
 from engine.sampling import SamplingParams
 from engine.scheduler import Request, Scheduler
@@ -32,7 +37,11 @@ from model.config import ModelConfig
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "StreamOutput"]
+           "CompletionOutput", "StreamOutput", "CapacityError"]
+
+
+class CapacityError(RuntimeError):
+  """The waiting queue is full: the request was not accepted (nothing was kept)."""
 
 
 @dataclasses.dataclass
@@ -99,7 +108,12 @@ class Engine:
   """Offline and streaming generation over a paged KV cache."""
 
   def __init__(self, model: transformer_lib.Transformer, tokenizer=None,
-               config: EngineConfig | None = None, kv_sharding=None):
+               config: EngineConfig | None = None, kv_sharding=None,
+               peaks: roofline.DevicePeaks | None = None, mesh=None):
+    """`mesh` (model/sharding.make_mesh): shard weights and KV pages over it and
+    split each step's rows over its data axis; None runs where the weights are.
+    In a multi-process run, pass the same `peaks` to every process (measured
+    peaks differ per host, and the planner's choices must not)."""
     self.config = config = config or EngineConfig()
     self.model_config: ModelConfig = model.config
     self.tokenizer = tokenizer
@@ -107,26 +121,54 @@ class Engine:
       raise ValueError(
           f"max_model_len ({config.max_model_len}) exceeds the model's "
           f"max_position_embeddings ({model.config.max_position_embeddings})")
-    num_pages = config.num_pages or self._pages_from_budget(config, model.config)
-    self.runner = Runner(model, config, num_pages, kv_sharding)
+    num_pages = self._size_pool(config, model.config, mesh)
+    self.runner = Runner(model, config, num_pages, kv_sharding, mesh=mesh)
     eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
-    self.scheduler = Scheduler(self.runner, config, eos_ids)
+    self.peaks = peaks or roofline.device_peaks()
+    self.planner = Planner(model.config, config, self.peaks)
+    self.metrics = Metrics(self.planner.ridge)
+    self.scheduler = Scheduler(self.runner, config, eos_ids, self.planner, self.metrics)
     self._rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
     self._failed: dict[str, RequestOutput] = {}
 
   @staticmethod
-  def _pages_from_budget(config: EngineConfig, model_config: ModelConfig) -> int:
-    page_bytes = config.page_size * model_config.kv_bytes_per_token(config.kv_dtype)
-    num_pages = config.kv_cache_bytes // page_bytes
+  def _size_pool(config: EngineConfig, model_config: ModelConfig, mesh=None) -> int:
+    """Pages in the pool; refuses a pool that cannot hold one full-length sequence
+    (the scheduler relies on it: the oldest sequence can always run).
+
+    Budgets are per device: on a mesh a page's bytes are split over the devices
+    that shard the KV heads, so the same memory holds more pages.
+    """
+    if mesh is None:
+      page_bytes = config.page_size * model_config.kv_bytes_per_token(config.kv_dtype)
+    else:
+      from model import sharding  # only needed on a mesh
+      page_bytes = sharding.memory_report(model_config, mesh, page_size=config.page_size,
+                                          kv_dtype=config.kv_dtype).kv_page_bytes_per_device
+    if config.num_pages is not None:
+      num_pages, budget, setting = config.num_pages, config.num_pages * page_bytes, "num_pages"
+    else:
+      stats = jax.local_devices()[0].memory_stats() or {}
+      if config.kv_cache_bytes is not None:
+        budget, setting = config.kv_cache_bytes, "kv_cache_bytes"
+      elif "bytes_limit" in stats:
+        budget = (config.memory_fraction * stats["bytes_limit"]
+                  - stats.get("bytes_in_use", 0))
+        setting = (f"memory_fraction (now {config.memory_fraction} of "
+                   f"{stats['bytes_limit'] / 2**30:.1f} GiB, "
+                   f"{stats.get('bytes_in_use', 0) / 2**30:.1f} GiB already in use)")
+      else:
+        budget, setting = config.cpu_kv_cache_bytes, "cpu_kv_cache_bytes"
+      num_pages = int(max(budget, 0) // page_bytes)
     if num_pages < config.max_pages_per_seq:
       need = config.max_pages_per_seq * page_bytes
       raise ValueError(
           f"the KV cache cannot hold one sequence of max_model_len={config.max_model_len} "
           f"tokens: that needs {need / 2**20:.1f} MiB ({config.max_pages_per_seq} pages of "
-          f"{page_bytes} bytes) and kv_cache_bytes allows {config.kv_cache_bytes / 2**20:.1f} "
-          f"MiB; raise kv_cache_bytes or lower max_model_len")
-    return int(num_pages)
+          f"{page_bytes} bytes) and the pool gets {max(budget, 0) / 2**20:.1f} MiB; raise "
+          f"{setting} or lower max_model_len")
+    return num_pages
 
   @classmethod
   def from_checkpoint(cls, path: str, config: EngineConfig | None = None, tokenizer=None,
@@ -144,6 +186,12 @@ class Engine:
     request_id = request_id if request_id is not None else str(next(self._ids))
     if request_id in self.scheduler.requests or request_id in self._failed:
       raise ValueError(f"duplicate request_id {request_id!r}")
+    waiting = len(self.scheduler.waiting)
+    if waiting >= self.config.max_waiting:
+      raise CapacityError(
+          f"engine at capacity: {waiting} requests waiting (max_waiting="
+          f"{self.config.max_waiting}), {len(self.scheduler.running)} running, KV cache "
+          f"{100 * self.kv_utilization():.0f}% used; retry when requests finish")
     arrival = time.perf_counter()
     try:
       params = params if params is not None else SamplingParams()
@@ -241,52 +289,78 @@ class Engine:
 
   # Batch APIs -------------------------------------------------------------------
 
-  def _submit(self, prompts, params) -> list[str]:
+  @staticmethod
+  def _pair(prompts, params) -> tuple[list, list]:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
       prompts = [prompts]
     if params is None or isinstance(params, SamplingParams):
       params = [params] * len(prompts)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-    return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+    return list(prompts), list(params)
+
+  def _run_batch(self, prompts, params) -> Iterator[tuple[int, str, list]]:
+    """Submits prompts as the waiting queue has room and steps until all finish.
+
+    Yields (prompt index, request id, deltas) whenever a request is submitted or a
+    step produced deltas for it; the caller owns releasing finished requests.
+    """
+    prompts, params = self._pair(prompts, params)
+    index: dict[str, int] = {}
+    live: set[str] = set()
+    submitted = 0
+    try:
+      while submitted < len(prompts) or live:
+        while (submitted < len(prompts)
+               and len(self.scheduler.waiting) < self.config.max_waiting):
+          rid = self.add_request(prompts[submitted], params[submitted])
+          index[rid] = submitted
+          submitted += 1
+          if rid in self._failed:
+            yield index[rid], rid, []
+          else:
+            live.add(rid)
+        if live:
+          deltas = collections.defaultdict(list)
+          for d in self.step():
+            if d.request_id in live:
+              deltas[d.request_id].append(d)
+          for rid, ds in deltas.items():
+            yield index[rid], rid, ds
+          live = {rid for rid in live if not self.scheduler.requests[rid].finished}
+    finally:
+      for rid in live:  # the caller stopped early (e.g. a stream was closed)
+        self.abort(rid)
 
   def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                ) -> list[RequestOutput]:
-    """Runs every prompt to completion; outputs in input order."""
-    ids = self._submit(prompts, params)
-    pending = {i for i in ids if i not in self._failed}
-    while pending:
-      self.step()
-      pending = {i for i in pending if not self.scheduler.requests[i].finished}
+    """Runs every prompt to completion; outputs in input order. Prompts beyond the
+    waiting queue's bound are submitted as room frees up."""
+    prompt_list, _ = self._pair(prompts, params)
+    ids: dict[int, str] = {}
+    for k, rid, _ in self._run_batch(prompts, params):
+      ids[k] = rid
     outputs = []
-    for i, prompt in zip(ids, prompts if not isinstance(prompts, str) else [prompts]):
-      out = self.get_output(i)
+    for k, prompt in enumerate(prompt_list):
+      out = self.get_output(ids[k])
       out.prompt = prompt
       outputs.append(out)
-      self.release(i)
+      self.release(ids[k])
     return outputs
 
   def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
              ) -> Iterator[StreamOutput]:
     """Yields text deltas as tokens are produced, for one prompt or many."""
-    ids = self._submit(prompts, params)
-    index = {rid: k for k, rid in enumerate(ids)}
-    for rid in ids:
-      if rid in self._failed:
-        yield StreamOutput(index[rid], rid, 0, "", [], True, "error",
-                           self._failed[rid].error)
-    live = {rid for rid in ids if rid not in self._failed}
+    seen: set[str] = set()
     try:
-      while live:
-        for d in self.step():
-          if d.request_id in index:
-            yield StreamOutput(index[d.request_id], d.request_id, d.index, d.text,
-                               d.token_ids, d.finished, d.finish_reason)
-        live = {rid for rid in live if not self.scheduler.requests[rid].finished}
+      for k, rid, deltas in self._run_batch(prompts, params):
+        seen.add(rid)
+        if rid in self._failed:
+          yield StreamOutput(k, rid, 0, "", [], True, "error", self._failed[rid].error)
+        for d in deltas:
+          yield StreamOutput(k, rid, d.index, d.text, d.token_ids, d.finished, d.finish_reason)
     finally:
-      for rid in ids:
-        if rid in live:
-          self.abort(rid)
+      for rid in seen:
         self.release(rid)
 
   def num_free_pages(self) -> int:

@@ -1,31 +1,53 @@
-"""The KV cache: device page pools (a pytree) and the host-side page allocator.
+"""The KV cache: device page pools (a pytree), the host page allocator, the prefix cache.
 
 Device side: one (K, V) pair of `[pages, page_size, kv_heads, head_dim]` pools per
 layer (see `model.transformer.init_kv_pages`). Separate arrays per layer rather
 than one `[layers, ...]` array: the step's unrolled layer loop then reads and
 updates each layer's pool in place, with no slicing of a stacked buffer.
 
-Host side: pages are integers. The allocator keeps a free list and a reference
-count per page; a page shared by several sequences (the prompt of an `n > 1`
-request) is freed when its last owner lets go. Block tables are plain lists of
+Host side: pages are integers. The allocator keeps a reference count per page; a
+page shared by several sequences (a common prompt prefix, the prompt of an `n > 1`
+request) is released when its last owner lets go. Block tables are plain lists of
 page ids on each sequence, sent to the device as small int32 arrays.
+
+Prefix cache: a page whose every slot has been computed is keyed by a hash chain
+over the token ids up to and including it (`page_hash`), so equal keys mean equal
+K/V. A released page that has a key is not freed but kept, evictable, in
+least-recently-released order; a new sequence (or the next turn of a
+conversation) that starts with the same tokens takes those pages instead of
+recomputing them. Evictable pages are reclaimed, oldest first, only when the free
+list is empty.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Iterable
+import hashlib
+from typing import Iterable, Sequence
 
 import jax
+import numpy as np
 
 
 class OutOfPages(RuntimeError):
-  """Raised when an allocation cannot be satisfied from free pages."""
+  """Raised when an allocation cannot be satisfied."""
+
+
+def page_hash(previous: bytes, tokens: Sequence[int]) -> bytes:
+  """Key of a full page: a hash of the previous page's key and this page's tokens.
+
+  The chain makes a key depend on every token before it, so two pages share a
+  key only if their whole prefixes are equal. 128-bit BLAKE2b: collisions (which
+  would silently reuse wrong K/V) are out of reach at any realistic cache size.
+  """
+  h = hashlib.blake2b(previous, digest_size=16)
+  h.update(np.asarray(tokens, np.int64).tobytes())
+  return h.digest()
 
 
 class PageAllocator:
-  """Free list plus reference counts over `num_pages` pages."""
+  """Reference-counted pages with a prefix cache of released full pages."""
 
   def __init__(self, num_pages: int):
     if num_pages < 1:
@@ -33,21 +55,36 @@ class PageAllocator:
     self.num_pages = num_pages
     self._free = collections.deque(range(num_pages))
     self._refs = [0] * num_pages
+    self._key_of: dict[int, bytes] = {}  # page -> its prefix-cache key
+    self._page_of: dict[bytes, int] = {}  # key -> page
+    self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self.evictions = 0
 
   @property
   def num_free(self) -> int:
-    return len(self._free)
+    """Pages an allocation can get: free ones plus evictable cached ones."""
+    return len(self._free) + len(self._evictable)
 
   @property
   def num_used(self) -> int:
-    return self.num_pages - len(self._free)
+    """Pages owned by at least one sequence."""
+    return self.num_pages - self.num_free
+
+  @property
+  def num_cached(self) -> int:
+    return len(self._page_of)
 
   def utilization(self) -> float:
     return self.num_used / self.num_pages
 
   def allocate(self, n: int) -> list[int]:
-    if n > len(self._free):
-      raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+    if n > self.num_free:
+      raise OutOfPages(f"asked for {n} pages, {self.num_free} free")
+    while len(self._free) < n:
+      page, _ = self._evictable.popitem(last=False)  # least recently released
+      del self._page_of[self._key_of.pop(page)]
+      self._free.append(page)
+      self.evictions += 1
     pages = [self._free.popleft() for _ in range(n)]
     for p in pages:
       self._refs[p] = 1
@@ -61,16 +98,38 @@ class PageAllocator:
       self._refs[p] += 1
 
   def free(self, pages: Iterable[int]) -> None:
-    """Drops one owner from each page; pages with no owner left become free."""
+    """Drops one owner from each page. A page left with no owner becomes free, or,
+    if it holds a cached prefix, evictable (most recently released last)."""
     for p in pages:
       if self._refs[p] <= 0:
         raise ValueError(f"page {p} freed twice")
       self._refs[p] -= 1
       if self._refs[p] == 0:
-        self._free.append(p)
+        if p in self._key_of:
+          self._evictable[p] = None
+        else:
+          self._free.append(p)
 
   def refcount(self, page: int) -> int:
     return self._refs[page]
+
+  # Prefix cache -------------------------------------------------------------
+
+  def cache(self, page: int, key: bytes) -> None:
+    """Publishes a full, computed page under `key`. If another page already holds
+    the same key (two sequences computed the same prefix), that one is kept."""
+    if key not in self._page_of and page not in self._key_of:
+      self._page_of[key] = page
+      self._key_of[page] = key
+
+  def lookup(self, key: bytes) -> int | None:
+    return self._page_of.get(key)
+
+  def acquire(self, page: int) -> None:
+    """Takes an owner's reference to a cached page (reviving it if evictable)."""
+    if self._refs[page] == 0:
+      del self._evictable[page]
+    self._refs[page] += 1
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

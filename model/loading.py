@@ -18,11 +18,13 @@ import pathlib
 import shutil
 import tempfile
 
+import jax
 from flax import nnx
 
 from configs import models
 from model import checkpoint
 from model import default_model
+from model import sharding as sharding_lib
 from model import transformer as transformer_lib
 from model.convert import load_foreign
 from model.tokenizer import Tokenizer, load_tokenizer
@@ -60,28 +62,59 @@ def ensure_default_checkpoint(cache_dir: str | os.PathLike) -> pathlib.Path:
 
 def load_model(checkpoint_path: str | None = None, preset: str | None = None,
                cache_dir: str | os.PathLike | None = None, dtype: str | None = None,
-               seed: int = 0, shardings=None,
+               seed: int = 0, shardings=None, mesh: jax.sharding.Mesh | None = None,
                ) -> tuple[transformer_lib.Transformer, Tokenizer | None]:
-  """Returns (model, tokenizer). At most one of checkpoint_path / preset."""
+  """Returns (model, tokenizer). At most one of checkpoint_path / preset.
+
+  `mesh`: put every weight in its sharding under model/sharding.py's rules as it
+  is read (orbax checkpoints) or created (presets), so no device or host ever
+  holds the whole model; foreign files are converted on the host, then placed.
+  `shardings`: an explicit canonical tree of shardings instead (checkpoints and
+  presets only).
+  """
   if checkpoint_path and preset:
     raise ValueError("give a checkpoint or a preset, not both")
   if preset:
     config = models.get(preset)
     if dtype:
       config = config.replace(param_dtype=dtype, compute_dtype=dtype)
-    return transformer_lib.Transformer(config, rngs=nnx.Rngs(seed)), None
+    if mesh is not None:
+      shardings = sharding_lib.param_shardings(config, mesh)
+    if shardings is None:
+      return transformer_lib.Transformer(config, rngs=nnx.Rngs(seed)), None
+    return _init_sharded(config, seed, shardings), None
   if checkpoint_path is None:
     if cache_dir is None:
       raise ValueError("the default model needs a cache_dir to convert it into")
     checkpoint_path = ensure_default_checkpoint(cache_dir)
   path = pathlib.Path(checkpoint_path)
   if checkpoint.is_checkpoint(path):
+    if mesh is not None:
+      shardings = sharding_lib.param_shardings(checkpoint.load_config(path), mesh)
     config, params = checkpoint.restore(path, shardings=shardings, dtype=dtype)
     tok_dir = path / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
   else:
     config, params = load_foreign(path, dtype or "float32")
+    if mesh is not None:
+      params = sharding_lib.place(params, sharding_lib.param_shardings(config, mesh))
     tokenizer = load_tokenizer(path)
   if dtype and config.compute_dtype != dtype:
     config = config.replace(compute_dtype=dtype)
   return transformer_lib.from_params(config, params), tokenizer
+
+
+def _init_sharded(config, seed: int, shardings) -> transformer_lib.Transformer:
+  """Random weights created where they live: each device computes only its shards.
+
+  JAX's random bits do not depend on the sharding, so every mesh (and every
+  process count) gets the same weights; they differ from an eager
+  `Transformer(config, rngs=nnx.Rngs(seed))` by rounding (~1 ulp: XLA fuses the
+  scaling differently under jit)."""
+  def make():
+    return transformer_lib.Transformer(config, rngs=nnx.Rngs(seed))
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  state = jax.jit(lambda: nnx.split(make())[1],
+                  out_shardings=sharding_lib.state_shardings(abstract, shardings))()
+  return nnx.merge(graphdef, state)

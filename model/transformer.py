@@ -30,6 +30,7 @@ from flax import nnx
 
 from model import attention
 from model import params as params_lib
+from model import sharding as sharding_lib
 from model.config import ModelConfig
 
 # One (K, V) pair of page pools per layer, each [P, S, K, Dh].
@@ -112,6 +113,11 @@ class Block(nnx.Module):
     k = apply_rope(k, positions, inv_freq)
 
     k_pages, v_pages = attention.write_kv(kv[0], kv[1], k, v, slots)
+    # On a mesh the updated pools keep the pools' sharding; left free, the
+    # partitioner may shard them like the queries that read them (a replicated
+    # pool split by KV head) and gather them back whole for the output.
+    k_pages = sharding_lib.constrain(k_pages, sharding_lib.KV_AXES)
+    v_pages = sharding_lib.constrain(v_pages, sharding_lib.KV_AXES)
     attn = attention.attend(q, k_pages, v_pages, block_tables, positions, kv_lens,
                             impl=attention_impl)  # [B, T, H, Dh]
     attn = attn.reshape(batch, q_len, cfg.num_heads * cfg.head_dim)
@@ -129,7 +135,7 @@ class Transformer(nnx.Module):
   """The decoder. Call it on a batch of new tokens and the KV page pools."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
-               attention_impl: str = "xla"):
+               attention_impl: str = "auto"):
     self.config = config
     self.attention_impl = attention_impl
     dtype = config.weight_dtype
@@ -184,7 +190,7 @@ class Transformer(nnx.Module):
 
 
 def from_params(config: ModelConfig, params: params_lib.Params,
-                attention_impl: str = "xla") -> Transformer:
+                attention_impl: str = "auto") -> Transformer:
   """Builds a Transformer holding `params` (numpy or jax arrays, any sharding).
 
   The module is created abstractly (no random init is materialized), then each

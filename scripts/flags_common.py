@@ -22,13 +22,24 @@ flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache",
 flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: the checkpoint's).")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.")
 flags.DEFINE_integer("num_pages", None, "KV-cache pages (default: from --kv_cache_mb).")
-flags.DEFINE_integer("kv_cache_mb", 512, "KV-cache budget in MiB when --num_pages is unset.")
+flags.DEFINE_integer("kv_cache_mb", 512, "KV-cache budget in MiB on a CPU when --num_pages is "
+                     "unset (accelerators use --memory_fraction of their memory).")
+flags.DEFINE_float("memory_fraction", 0.9, "Fraction of accelerator memory for weights + KV cache.")
 flags.DEFINE_integer("max_batch", 64, "Most sequences in one decode step.")
 flags.DEFINE_integer("max_model_len", 2048, "Most tokens (prompt + output) per sequence.")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
 flags.DEFINE_string("compilation_cache_dir", None,
                     "Persist compiled steps here (JAX's persistent compilation cache).")
+flags.DEFINE_string("mesh", None,
+                    "Device mesh, e.g. 'data=2,model=4' (or '2x4'; -1 = the remaining "
+                    "devices): weights and KV pages sharded over `model`, batches split over "
+                    "`data`. Default: one device (all devices, over `model`, when "
+                    "--num_processes > 1).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for a multi-process (multi-host) run.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 FLAGS = flags.FLAGS
 
@@ -36,18 +47,87 @@ FLAGS = flags.FLAGS
 def engine_config() -> EngineConfig:
   return EngineConfig(
       page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
-      kv_cache_bytes=FLAGS.kv_cache_mb * 2**20, max_batch=FLAGS.max_batch,
+      cpu_kv_cache_bytes=FLAGS.kv_cache_mb * 2**20, max_batch=FLAGS.max_batch,
       max_model_len=FLAGS.max_model_len, prefill_chunk=FLAGS.prefill_chunk,
-      max_prefill_batch=FLAGS.max_prefill_batch)
+      max_prefill_batch=FLAGS.max_prefill_batch, memory_fraction=FLAGS.memory_fraction)
+
+
+def init_distributed() -> None:
+  """Joins the multi-process run the flags describe; call before any other JAX call.
+
+  Every process then runs the same program over the global mesh. On CPUs the
+  cross-process collectives go through gloo.
+  """
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if all(v is None for v in given):
+    return
+  if any(v is None for v in given):
+    raise ValueError("a multi-process run needs all of --coordinator_address, "
+                     "--num_processes and --process_id")
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def make_mesh():
+  """The --mesh flag as a Mesh, or None for the plain one-device engine."""
+  import jax
+  from model import sharding
+  if FLAGS.mesh is None:
+    return sharding.make_mesh(sharding.MeshShape(1, -1)) if jax.process_count() > 1 else None
+  return sharding.make_mesh(FLAGS.mesh)
+
+
+def agreed_peaks():
+  """Device peaks every process agrees on: the planner sizes steps from them, and
+  processes that planned different steps would wait on each other forever. Table
+  entries are identical everywhere; measured ones (CPUs) are process 0's."""
+  import dataclasses
+  import jax
+  import numpy as np
+  from engine import roofline
+  from jax.experimental import multihost_utils
+  peaks = roofline.device_peaks(jax.local_devices()[0])
+  if jax.process_count() == 1 or not peaks.measured:
+    return peaks
+  names = sorted(peaks.flops)
+  values = np.asarray([peaks.flops[n] for n in names] + [peaks.bandwidth, peaks.memory_bytes],
+                      np.float32)
+  values = [float(v) for v in multihost_utils.broadcast_one_to_all(values)]
+  return dataclasses.replace(peaks, flops=dict(zip(names, values)), bandwidth=values[-2],
+                             memory_bytes=values[-1])
 
 
 def load_engine():
-  """Builds the Engine the flags describe."""
+  """Builds the Engine the flags describe (joining a multi-process run first)."""
+  init_distributed()
   from engine.engine import Engine
   from engine.runner import enable_compilation_cache
   from model.loading import load_model
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
   if FLAGS.compilation_cache_dir:
     enable_compilation_cache(FLAGS.compilation_cache_dir)
-  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype)
-  return Engine(model, tokenizer, engine_config())
+  mesh = make_mesh()
+  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
+                                mesh=mesh)
+  return Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
+
+
+def model_config():
+  """The ModelConfig the flags name, without reading any weights (for reports)."""
+  from configs import models
+  from model import checkpoint, default_model
+  if FLAGS.model:
+    config = models.get(FLAGS.model)
+  elif FLAGS.checkpoint and checkpoint.is_checkpoint(FLAGS.checkpoint):
+    config = checkpoint.load_config(FLAGS.checkpoint)
+  elif FLAGS.checkpoint:
+    raise ValueError(f"--checkpoint {FLAGS.checkpoint}: a report without loading weights "
+                     "needs an orbax checkpoint or --model; convert it first")
+  else:
+    cached = os.path.join(FLAGS.cache_dir, default_model.CHECKPOINT_NAME)
+    config = (checkpoint.load_config(cached) if checkpoint.is_checkpoint(cached)
+              else models.get("smollm2-135m"))  # the default model's shapes, float32
+  if FLAGS.dtype:
+    config = config.replace(param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
+  return config

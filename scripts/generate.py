@@ -28,6 +28,11 @@ flags.DEFINE_integer("seed", None, "Sampling seed.")
 flags.DEFINE_integer("max_tokens", 64, "Most new tokens per prompt.")
 flags.DEFINE_integer("repeat", 1, "Run the whole generation this many times (the first "
                      "run includes compilation).")
+flags.DEFINE_bool("show_token_ids", False, "Also print each completion's token ids.")
+flags.DEFINE_bool("memory_report", False, "Only print the per-device memory of weights and KV "
+                  "pages for --model/--checkpoint on --mesh, without loading any weights.")
+flags.DEFINE_float("device_memory_gib", None, "Memory of one device for the memory report "
+                   "(default: what the runtime reports; 80 for an H100).")
 FLAGS = flags.FLAGS
 
 
@@ -43,11 +48,33 @@ def _prompts():
   return prompts or ["What is the capital of France?"]
 
 
+def _memory_report(config, mesh, num_pages=None):
+  """Per-device weights and KV pages (model/sharding.py), against the device's memory."""
+  import jax
+  from model import sharding
+  device_bytes = (None if FLAGS.device_memory_gib is None
+                  else int(FLAGS.device_memory_gib * 2**30))
+  if device_bytes is None and not FLAGS.memory_report:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_bytes = stats.get("bytes_limit")
+  return sharding.memory_report(
+      config, mesh if mesh is not None else sharding.MeshShape(), page_size=FLAGS.page_size,
+      device_bytes=device_bytes, memory_fraction=FLAGS.memory_fraction, num_pages=num_pages,
+      max_model_len=FLAGS.max_model_len)
+
+
 def main(argv):
   del argv
+  if FLAGS.memory_report:  # shapes only: no devices, no weights
+    from model import sharding
+    print("memory: " + _memory_report(flags_common.model_config(),
+                                      sharding.MeshShape.parse(FLAGS.mesh)).summary())
+    return
   t0 = time.perf_counter()
   engine = flags_common.load_engine()
   print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+  print("memory: " + _memory_report(engine.model_config, engine.runner.mesh,
+                                    engine.runner.num_pages).summary(), file=sys.stderr)
   params = SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                           seed=FLAGS.seed, max_tokens=FLAGS.max_tokens)
   prompts = _prompts()
@@ -61,6 +88,8 @@ def main(argv):
             prompt[0], dict) else prompt
         print(f"### {shown!r}")
         print(out.text if out.error is None else f"[error] {out.error}")
+        if FLAGS.show_token_ids:
+          print(f"token_ids: {out.token_ids}")
         print(f"[{len(out.token_ids)} tokens, {out.finish_reason}]\n")
     n_out = sum(len(o.token_ids) for o in outputs)
     print(f"run {run + 1}: {len(prompts)} prompts, {n_out} tokens in {wall:.2f} s = "

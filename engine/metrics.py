@@ -1,0 +1,160 @@
+"""What the engine reports: load first (batch size, KV-cache use), then the cache
+economy (prefix hits, evictions, preemptions), the roofline (target and achieved
+arithmetic intensity, MFU, MBU) and per-request latency (TTFT, TPOT, queue time).
+
+Each engine owns one `Metrics` with its own prometheus_client registry (no
+process-global state): `prometheus_text()` is the exposition format a scraper
+reads, `snapshot()` a JSON-ready summary with percentiles for the end of a batch
+job. Raw samples for percentiles are kept in memory (8 bytes each).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import prometheus_client as prom
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                    10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+  """Counters, gauges and histograms of one engine."""
+
+  def __init__(self, ridge_point: float):
+    self.ridge_point = ridge_point
+    r = self.registry = prom.CollectorRegistry()
+    p = "ridgeline_"
+    self.decode_batch = prom.Histogram(p + "decode_batch_size", "Sequences per decode step",
+                                       buckets=_BATCH_BUCKETS, registry=r)
+    self.kv_util = prom.Gauge(p + "kv_cache_utilization",
+                              "Fraction of KV pages owned by sequences", registry=r)
+    self.running = prom.Gauge(p + "requests_running", "Sequences holding KV pages", registry=r)
+    self.waiting = prom.Gauge(p + "requests_waiting", "Sequences waiting to run", registry=r)
+    self.prefix_queries = prom.Counter(p + "prefix_cache_queries_tokens",
+                                       "Prompt tokens looked up in the prefix cache", registry=r)
+    self.prefix_hits = prom.Counter(p + "prefix_cache_hits_tokens",
+                                    "Prompt tokens found in the prefix cache", registry=r)
+    self.evictions = prom.Counter(p + "prefix_cache_evictions",
+                                  "Cached pages evicted to make room", registry=r)
+    self.preemptions = prom.Counter(p + "preemptions", "Sequences preempted (recomputed later)",
+                                    registry=r)
+    self.prompt_tokens = prom.Counter(p + "prompt_tokens", "Prompt tokens of admitted requests",
+                                      registry=r)
+    self.generated_tokens = prom.Counter(p + "generation_tokens", "Tokens generated", registry=r)
+    self.computed_tokens = prom.Counter(p + "computed_tokens", "Tokens run through the model",
+                                        ["kind"], registry=r)
+    self.steps = prom.Counter(p + "steps", "Model steps", ["kind"], registry=r)
+    self.memory_bound_steps = prom.Counter(p + "memory_bound_steps",
+                                           "Steps whose intensity was below the ridge point",
+                                           ["kind"], registry=r)
+    self.target_intensity = prom.Gauge(p + "target_arithmetic_intensity",
+                                       "The ridge point the planner aims for (FLOP/byte)",
+                                       registry=r)
+    self.achieved_intensity = prom.Gauge(p + "achieved_arithmetic_intensity",
+                                         "FLOPs per byte of the last step", ["kind"], registry=r)
+    self.mfu = prom.Gauge(p + "mfu", "Model FLOPs utilization of the last step", ["kind"],
+                          registry=r)
+    self.mbu = prom.Gauge(p + "mbu", "Memory bandwidth utilization of the last step", ["kind"],
+                          registry=r)
+    self.ttft = prom.Histogram(p + "time_to_first_token_seconds", "Arrival to first token",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+    self.tpot = prom.Histogram(p + "time_per_output_token_seconds",
+                               "Mean time per output token after the first",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+    self.queue_time = prom.Histogram(p + "queue_time_seconds", "Arrival to first scheduled",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+    self.target_intensity.set(ridge_point)
+    self._samples: dict[str, list[float]] = {k: [] for k in (
+        "decode_batch_size", "ttft", "tpot", "queue_time")}
+    self._steps: dict[str, dict[str, float]] = {}
+
+  # Hooks the scheduler calls -------------------------------------------------
+
+  def on_step(self, kind: str, batch: int, tokens: int, flops: float, bytes_: float,
+              seconds: float, mfu: float, mbu: float) -> None:
+    intensity = flops / bytes_ if bytes_ else 0.0
+    self.steps.labels(kind).inc()
+    self.computed_tokens.labels(kind).inc(tokens)
+    self.achieved_intensity.labels(kind).set(intensity)
+    self.mfu.labels(kind).set(mfu)
+    self.mbu.labels(kind).set(mbu)
+    if intensity < self.ridge_point:
+      self.memory_bound_steps.labels(kind).inc()
+    if kind == "decode":
+      self.decode_batch.observe(batch)
+      self._samples["decode_batch_size"].append(batch)
+    acc = self._steps.setdefault(kind, dict(steps=0, memory_bound=0, tokens=0, flops=0.0,
+                                            bytes=0.0, seconds=0.0, mfu_x_s=0.0, mbu_x_s=0.0))
+    acc["steps"] += 1
+    acc["memory_bound"] += intensity < self.ridge_point
+    acc["tokens"] += tokens
+    acc["flops"] += flops
+    acc["bytes"] += bytes_
+    acc["seconds"] += seconds
+    acc["mfu_x_s"] += mfu * seconds
+    acc["mbu_x_s"] += mbu * seconds
+
+  def on_request_finished(self, ttft: float | None, tpot: float | None,
+                          queue_time: float | None) -> None:
+    for name, hist, value in (("ttft", self.ttft, ttft), ("tpot", self.tpot, tpot),
+                              ("queue_time", self.queue_time, queue_time)):
+      if value is not None:
+        hist.observe(value)
+        self._samples[name].append(value)
+
+  def set_load(self, running: int, waiting: int, kv_utilization: float) -> None:
+    self.running.set(running)
+    self.waiting.set(waiting)
+    self.kv_util.set(kv_utilization)
+
+  # Reading -------------------------------------------------------------------
+
+  def prometheus_text(self) -> str:
+    return prom.generate_latest(self.registry).decode()
+
+  def snapshot(self) -> dict:
+    """A JSON-ready summary: totals, rates and percentiles."""
+    def value(metric, **labels):
+      return self.registry.get_sample_value(metric, labels) or 0.0
+
+    queries = value("ridgeline_prefix_cache_queries_tokens_total")
+    hits = value("ridgeline_prefix_cache_hits_tokens_total")
+    steps = {}
+    for kind, acc in self._steps.items():
+      steps[kind] = {
+          "steps": int(acc["steps"]),
+          "memory_bound_steps": int(acc["memory_bound"]),
+          "tokens": int(acc["tokens"]),
+          "seconds": acc["seconds"],
+          # Intensity of all the work of this kind: total FLOPs over total bytes.
+          "achieved_intensity": acc["flops"] / acc["bytes"] if acc["bytes"] else 0.0,
+          "mfu": acc["mfu_x_s"] / acc["seconds"] if acc["seconds"] else 0.0,
+          "mbu": acc["mbu_x_s"] / acc["seconds"] if acc["seconds"] else 0.0,
+      }
+    return {
+        "ridge_point": self.ridge_point,
+        "decode_batch_size": _summary(self._samples["decode_batch_size"]),
+        "kv_cache_utilization": value("ridgeline_kv_cache_utilization"),
+        "requests_running": int(value("ridgeline_requests_running")),
+        "requests_waiting": int(value("ridgeline_requests_waiting")),
+        "prefix_cache": {"queried_tokens": int(queries), "hit_tokens": int(hits),
+                         "hit_rate": hits / queries if queries else 0.0,
+                         "evictions": int(value("ridgeline_prefix_cache_evictions_total"))},
+        "preemptions": int(value("ridgeline_preemptions_total")),
+        "prompt_tokens": int(value("ridgeline_prompt_tokens_total")),
+        "generation_tokens": int(value("ridgeline_generation_tokens_total")),
+        "steps": steps,
+        "ttft_s": _summary(self._samples["ttft"]),
+        "tpot_s": _summary(self._samples["tpot"]),
+        "queue_time_s": _summary(self._samples["queue_time"]),
+    }
+
+
+def _summary(values: list[float]) -> dict:
+  if not values:
+    return {"count": 0}
+  a = np.asarray(values, np.float64)
+  return {"count": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+          "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+          "max": float(a.max())}

@@ -1,0 +1,121 @@
+"""The batcher: sizes every step against the device's ridge point.
+
+A step that reads all the weights to compute a handful of tokens wastes the chip:
+its arithmetic intensity (FLOPs per byte) is far below the ridge point, where the
+device stops waiting on memory. The planner picks, before each step,
+
+- the decode batch: every sequence ready to decode (more rows cost almost nothing
+  while memory-bound), cut to `max_batch` and to the step-latency bound;
+- the prefill token budget. While the decode batch is below the size at which a
+  decode step reaches the ridge (`decode_ridge_batch`) and below `max_batch`,
+  the budget is a whole chunk: admitting new sequences is what moves decoding
+  toward the ridge. Once the decode batch is there, the budget is just enough
+  prompt tokens for the prefill step itself to reach the ridge (`ridge_tokens`,
+  rounded up to a compiled token bucket): more would only delay the decoders.
+  Either way the budget respects the latency bound.
+
+When the ridge cannot be reached -- too little work waiting, or decode steps whose
+KV reads grow with their context -- the planner runs what there is and the step
+is recorded as memory-bound rather than padded with useless work.
+
+Costs are the roofline model's (`engine/roofline.py`); the time of a step is
+estimated as max(FLOPs / peak, bytes / bandwidth), a lower bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+from engine import config as config_lib
+from engine import roofline
+from engine.config import EngineConfig
+from model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  decode_batch: int
+  prefill_budget: int
+  target_intensity: float
+
+
+class Planner:
+  def __init__(self, model_config: ModelConfig, config: EngineConfig,
+               peaks: roofline.DevicePeaks):
+    self.model_config = model_config
+    self.config = config
+    self.peaks = peaks
+    self.dtype = model_config.compute_dtype
+    self.ridge = peaks.ridge_point(self.dtype)
+
+  @functools.cached_property
+  def ridge_tokens(self) -> int:
+    """Fewest prefill tokens (one fresh sequence) whose step reaches the ridge;
+    the largest chunk considered (64k) if none does."""
+    lo, hi = 1, 65536
+    if self._prefill_intensity(hi) < self.ridge:
+      return hi
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if self._prefill_intensity(mid) >= self.ridge:
+        hi = mid
+      else:
+        lo = mid + 1
+    return lo
+
+  def _prefill_intensity(self, tokens: int) -> float:
+    return roofline.prefill_cost(self.model_config, [(0, tokens)],
+                                 self.config.kv_dtype).intensity
+
+  def decode_ridge_batch(self, context: float) -> float:
+    """Fewest sequences of `context` cached tokens whose decode step reaches the
+    ridge; infinity when none does (KV reads grow as fast as the math)."""
+    one = roofline.decode_cost(self.model_config, [context], self.config.kv_dtype)
+    per_seq_bytes = one.bytes - one.weight_bytes
+
+    def intensity(b):
+      # A decode step's FLOPs and KV bytes grow linearly with the batch at one
+      # context: O(1) per probe instead of costing a b-long list (the search
+      # took ~5 ms a step on the CPU, a fifth of a batch-1 decode step).
+      return b * one.flops / (one.weight_bytes + b * per_seq_bytes)
+    hi = 1 << 16
+    if intensity(hi) < self.ridge:
+      return float("inf")
+    lo = 1
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if intensity(mid) >= self.ridge:
+        hi = mid
+      else:
+        lo = mid + 1
+    return lo
+
+  def _seconds(self, cost: roofline.StepCost) -> float:
+    return cost.time_lower_bound(self.peaks, self.dtype)
+
+  def plan(self, decode_contexts: Sequence[int]) -> Plan:
+    """decode_contexts: cached tokens of each sequence ready to decode, oldest first."""
+    cfg = self.config
+    limit = cfg.max_step_ms / 1e3 if cfg.max_step_ms else float("inf")
+    batch = min(len(decode_contexts), cfg.max_batch)
+    while batch > 1 and self._seconds(roofline.decode_cost(
+        self.model_config, decode_contexts[:batch], cfg.kv_dtype)) > limit:
+      batch -= 1
+    mean_context = sum(decode_contexts[:batch]) / batch if batch else 0
+    if batch < cfg.max_batch and batch < self.decode_ridge_batch(mean_context):
+      budget = cfg.prefill_chunk
+    else:
+      budget = config_lib.bucket(min(self.ridge_tokens, cfg.prefill_chunk),
+                                 cfg.prefill_token_buckets)
+    while budget > cfg.prefill_token_buckets[0] and self._seconds(roofline.prefill_cost(
+        self.model_config, [(0, budget)], cfg.kv_dtype)) > limit:
+      budget //= 2
+    return Plan(batch, max(budget, 1), self.ridge)
+
+  def cost(self, kind: str, rows: Sequence[tuple[int, int]]) -> roofline.StepCost:
+    """The roofline cost of a step that ran `rows` of (cached prefix, new tokens)."""
+    if kind == "decode":
+      return roofline.decode_cost(self.model_config, [p for p, _ in rows], self.config.kv_dtype)
+    return roofline.prefill_cost(self.model_config, rows, self.config.kv_dtype)

@@ -1,0 +1,464 @@
+"""The device mesh, and where every parameter, cache page and batch row lives on it.
+
+A mesh has two axes:
+
+  data    replicas of the model; the batch of a step is split over them
+  model   tensor parallelism (Megatron style): each device holds a slice of
+          every large weight and of every KV head
+
+Every array dimension has a *logical* name (`PARAM_AXES`, `KV_AXES`, and
+"batch" for the rows of a step); `ShardingRules` maps logical names to mesh
+axes, and `plan` resolves the rules for one model on one mesh shape:
+
+  q/k/v, gate/up   column-parallel: output features (whole heads) over `model`
+  o, down          row-parallel: input features over `model`, so each layer does
+                   one all-reduce after attention and one after the MLP
+  embed, lm_head   over the vocabulary (the embedding gather becomes a masked
+                   local gather plus an all-reduce; logits come out sharded and
+                   are gathered for the sampler), or over the width when the
+                   vocabulary does not divide
+  KV pages         by KV head over `model`, like k/v; replicated over `data`
+                   (every replica holds the whole pool; the host allocator is
+                   not aware of replicas)
+  batch rows       over `data`
+
+A dimension whose size does not divide its mesh axis is replicated instead, and
+`Plan.notes` says so (the memory report prints them). KV heads fewer than (or
+not dividing) `model` replicate k, v and the pools. Query heads shard when they
+divide `model` and each device's heads are whole GQA groups (K % model == 0) or
+all share one KV head (model % K == 0), so splitting [H] into [K, G] needs no
+communication; otherwise q and o are replicated too.
+
+`plan` and `memory_report` are arithmetic on shapes and need no devices (size
+Llama-3.1-70B on 8 H100s from a laptop). `make_mesh`, the `*_shardings`
+functions, `place` and `host_to_global` build and fill arrays on a real mesh;
+the runner traces its step under `rules_in_effect`, which lets the model pin an
+array to its logical sharding with `constrain` without knowing about meshes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model import params as params_lib
+from model.config import ModelConfig
+
+DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)
+
+# Logical axes of each canonical parameter (per-layer names for layer tensors).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "table_width"),
+    "lm_head": ("table_width", "vocab"),
+    "final_norm": ("hidden",),
+    "attn_norm": ("hidden",),
+    "mlp_norm": ("hidden",),
+    "q": ("hidden", "q_heads"),
+    "k": ("hidden", "kv_heads"),
+    "v": ("hidden", "kv_heads"),
+    "q_bias": ("q_heads",),
+    "k_bias": ("kv_heads",),
+    "v_bias": ("kv_heads",),
+    "o": ("q_heads", "hidden"),
+    "gate": ("hidden", "mlp"),
+    "up": ("hidden", "mlp"),
+    "down": ("mlp", "hidden"),
+}
+# One K or V page pool: [pages, page_size, kv_heads, head_dim].
+KV_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """Logical axis -> mesh axis (None: replicated). Axes not named are replicated.
+
+  `vocab` and `table_width` are alternatives for the embedding table: the width
+  is used only when the vocabulary does not divide the axis.
+  """
+
+  batch: str | None = DATA
+  q_heads: str | None = MODEL
+  kv_heads: str | None = MODEL
+  mlp: str | None = MODEL
+  vocab: str | None = MODEL
+  table_width: str | None = MODEL
+
+
+# Mesh shapes ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+  """Sizes of the (data, model) mesh axes; -1 means "all remaining devices"."""
+
+  data: int = 1
+  model: int = 1
+
+  def __post_init__(self):
+    for axis in MESH_AXES:
+      size = getattr(self, axis)
+      if size == 0 or size < -1:
+        raise ValueError(f"mesh axis {axis} must be >= 1 (or -1), got {size}")
+    if self.data == -1 and self.model == -1:
+      raise ValueError("at most one mesh axis may be -1")
+
+  @classmethod
+  def parse(cls, text: str | None) -> "MeshShape":
+    """"data=2,model=4", "model=8", "2x4" (data x model); "" or None is 1x1."""
+    text = (text or "").strip()
+    if not text:
+      return cls()
+    m = re.fullmatch(r"(-?\d+)\s*[x*]\s*(-?\d+)", text)
+    if m:
+      return cls(int(m[1]), int(m[2]))
+    sizes = {}
+    for part in text.split(","):
+      name, eq, value = part.partition("=")
+      name = name.strip()
+      if not eq or name not in MESH_AXES or name in sizes:
+        raise ValueError(f"bad mesh {text!r}: expected e.g. 'data=2,model=4' with axes "
+                         f"{MESH_AXES}, each at most once")
+      try:
+        sizes[name] = int(value)
+      except ValueError:
+        raise ValueError(f"bad mesh {text!r}: size of {name} is not an integer") from None
+    return cls(**sizes)
+
+  def resolve(self, num_devices: int) -> "MeshShape":
+    """Fills in a -1 axis from the device count."""
+    known = (self.data if self.data != -1 else 1) * (self.model if self.model != -1 else 1)
+    if -1 not in (self.data, self.model):
+      return self
+    if num_devices % known:
+      raise ValueError(f"mesh {self}: {num_devices} devices do not divide by {known}")
+    rest = num_devices // known
+    return MeshShape(rest if self.data == -1 else self.data,
+                     rest if self.model == -1 else self.model)
+
+  @property
+  def size(self) -> int:
+    return self.data * self.model
+
+  def __str__(self) -> str:
+    return f"data={self.data},model={self.model}"
+
+
+def make_mesh(shape: MeshShape | str | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, model) mesh over the first `shape.size` of `devices` (default: all
+  global devices, so every process of a multi-host run builds the same mesh).
+
+  The model axis varies fastest, so with 8 GPUs per host and model <= 8 each
+  tensor-parallel group stays inside one host (NVLink), and data replicas span hosts.
+  """
+  if not isinstance(shape, MeshShape):
+    shape = MeshShape.parse(shape)
+  devices = list(jax.devices() if devices is None else devices)
+  shape = shape.resolve(len(devices))
+  if shape.size > len(devices):
+    raise ValueError(f"mesh {shape} needs {shape.size} devices, {len(devices)} available")
+  if jax.process_count() > 1 and shape.size != jax.device_count():
+    raise ValueError(f"mesh {shape} has {shape.size} devices but the {jax.process_count()} "
+                     f"processes have {jax.device_count()}: a multi-process mesh must use "
+                     "every device, so that each process owns part of it")
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((shape.data, shape.model), MESH_AXES, axis_types=auto,
+                       devices=devices[:shape.size])
+
+
+def mesh_shape(mesh: Mesh | MeshShape) -> MeshShape:
+  if isinstance(mesh, MeshShape):
+    return mesh
+  return MeshShape(mesh.shape[DATA], mesh.shape[MODEL])
+
+
+# The plan: rules resolved for one model on one mesh shape ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which logical axes are sharded over which mesh axis, for one model and mesh."""
+
+  mesh: MeshShape
+  axes: Mapping[str, str | None]  # logical axis -> mesh axis or None
+  notes: tuple[str, ...] = ()  # what was replicated against the rules, and why
+
+  def spec(self, logical: Sequence[str]) -> P:
+    return P(*(self.axes.get(a) for a in logical))
+
+  def param_specs(self, config: ModelConfig) -> params_lib.Params:
+    """A PartitionSpec for every tensor of the canonical tree."""
+    return _map_names(config, lambda name: self.spec(PARAM_AXES[_leaf(name)]))
+
+  def kv_spec(self) -> P:
+    return self.spec(KV_AXES)
+
+  def batch_spec(self, ndim: int) -> P:
+    """[B, ...] step inputs and outputs: rows over `data`, the rest replicated."""
+    return P(self.axes.get("batch"), *([None] * (ndim - 1)))
+
+  def shards(self, spec: P) -> int:
+    """How many distinct pieces an array with `spec` is cut into."""
+    sizes = {DATA: self.mesh.data, MODEL: self.mesh.model}
+    return math.prod(sizes[a] for a in spec if a is not None)
+
+
+def plan(config: ModelConfig, mesh: Mesh | MeshShape,
+         rules: ShardingRules = ShardingRules()) -> Plan:
+  """Resolves `rules` for `config` on `mesh`: an axis whose size does not divide
+  its mesh axis is replicated, and the reason recorded in `notes`."""
+  shape = mesh_shape(mesh)
+  sizes = {DATA: shape.data, MODEL: shape.model, None: 1}
+  axes: dict[str, str | None] = {"batch": rules.batch}
+  notes: list[str] = []
+
+  def assign(logical: str, ok: bool, note: str) -> bool:
+    target = getattr(rules, logical)
+    if ok or sizes[target] == 1:
+      axes[logical] = target
+      return True
+    axes[logical] = None
+    notes.append(note)
+    return False
+
+  heads, kv_heads = config.num_heads, config.num_kv_heads
+  mk, mq = sizes[rules.kv_heads], sizes[rules.q_heads]
+  assign("kv_heads", kv_heads % mk == 0,
+         f"k, v and KV pages replicated ({kv_heads} KV heads, {rules.kv_heads}={mk})")
+  # Each device's query heads must be whole GQA groups (K % mq == 0) or all share
+  # one KV head (mq % K == 0): then the [H] -> [K, G] split needs no communication.
+  whole_groups = kv_heads % mq == 0 or mq % kv_heads == 0
+  assign("q_heads", heads % mq == 0 and whole_groups,
+         f"q and o replicated ({heads} query heads, {kv_heads} KV heads, "
+         f"{rules.q_heads}={mq}: " + ("heads do not divide" if heads % mq else
+                                       "would split GQA groups") + ")")
+  assign("mlp", config.intermediate_size % sizes[rules.mlp] == 0,
+         f"gate, up and down replicated (intermediate size {config.intermediate_size}, "
+         f"{rules.mlp}={sizes[rules.mlp]})")
+  mv = sizes[rules.vocab]
+  axes["table_width"] = None
+  if not assign("vocab", config.vocab_size % mv == 0,
+                f"embed/lm_head sharded over the width (vocab {config.vocab_size} does not "
+                f"divide {rules.vocab}={mv})"):
+    if not assign("table_width", config.hidden_size % sizes[rules.table_width] == 0,
+                  f"embed/lm_head replicated (neither vocab {config.vocab_size} nor "
+                  f"width {config.hidden_size} divides {rules.vocab}={mv})"):
+      notes.pop(-2)  # the "sharded over the width" note did not come true
+  return Plan(shape, axes, tuple(notes))
+
+
+def _leaf(name: str) -> str:
+  return name.rsplit(".", 1)[-1]
+
+
+def _map_names(config: ModelConfig, fn) -> params_lib.Params:
+  names = params_lib.flatten(params_lib.param_shapes(config))
+  return params_lib.unflatten({n: fn(n) for n in names}, config)
+
+
+# Shardings on a concrete mesh ------------------------------------------------------------
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh,
+                    rules: ShardingRules = ShardingRules()) -> params_lib.Params:
+  """NamedShardings for the canonical tree: pass to `checkpoint.restore` or
+  `loading.load_model(shardings=...)` to read each tensor straight onto its devices."""
+  specs = plan(config, mesh, rules).param_specs(config)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def kv_sharding(config: ModelConfig, mesh: Mesh,
+                rules: ShardingRules = ShardingRules()) -> NamedSharding:
+  return NamedSharding(mesh, plan(config, mesh, rules).kv_spec())
+
+
+def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
+  """Shardings for an `nnx.split` state of the Transformer, from a canonical tree
+  of shardings (`param_shardings`): each parameter by its name ("layers.3.q"),
+  anything else (the RoPE table) replicated on the same devices."""
+  flat = params_lib.flatten(shardings)
+  first = next(iter(flat.values()))
+  rest = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+
+  def one(path, _):
+    name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                    if getattr(k, "name", None) != "value")
+    return flat.get(name, rest)
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+# Constraints inside the model ------------------------------------------------------------
+
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def rules_in_effect(mesh: Mesh, plan: Plan):
+  """While tracing a step inside this context, `constrain` pins arrays to `plan`'s
+  shardings on `mesh` (the runner wraps its step in it; the model never sees a mesh)."""
+  previous = getattr(_active, "value", None)
+  _active.value = (mesh, plan)
+  try:
+    yield
+  finally:
+    _active.value = previous
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
+  """`x` sharded as its logical axes say under the rules in effect; unchanged
+  outside `rules_in_effect` (a single device, or no mesh)."""
+  active = getattr(_active, "value", None)
+  if active is None:
+    return x
+  mesh, p = active
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, p.spec(logical_axes)))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts every array of `tree` into its sharding (no-op where it already is).
+
+  Works across processes: a value every process holds in full (a host array, or
+  a single-device array made the same way on each process) is copied in through
+  the host, each process filling only its own devices' shards.
+  """
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding and x.committed:
+      return x
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array)
+                                         and not x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array | np.ndarray:
+  """A step input computed identically by every process, as a global array.
+
+  In one process a numpy array goes to `jit` as is (it shards it); across
+  processes jit refuses sharded numpy inputs, so each process builds its shards.
+  """
+  if sharding.is_fully_addressable:
+    return x
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+# Memory report -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-device bytes of weights and KV pages for one model, mesh and page layout.
+
+  Every device holds the same amount (shardings are even), so "per device" is
+  exact, not an average. `kv_pages` is how many pages fit next to the weights in
+  `memory_fraction` of `device_bytes` (None without a device size) — or the pool
+  actually allocated when `num_pages` was given.
+  """
+
+  model: str
+  mesh: MeshShape
+  weight_dtype: str
+  kv_dtype: str
+  page_size: int
+  weight_bytes: int  # the whole model
+  weight_bytes_per_device: int
+  kv_page_bytes_per_device: int  # one page (K and V, all layers) on one device
+  kv_token_bytes_per_device: int
+  device_bytes: int | None
+  memory_fraction: float
+  kv_pages: int | None
+  fits: bool | None
+  notes: tuple[str, ...] = ()
+
+  @property
+  def kv_bytes_per_device(self) -> int | None:
+    return None if self.kv_pages is None else self.kv_pages * self.kv_page_bytes_per_device
+
+  @property
+  def kv_tokens(self) -> int | None:
+    return None if self.kv_pages is None else self.kv_pages * self.page_size
+
+  def summary(self) -> str:
+    line = (f"{self.model or 'model'} on mesh {self.mesh}: weights "
+            f"{_size(self.weight_bytes_per_device)}/device ({_size(self.weight_bytes)} total, "
+            f"{self.weight_dtype}); KV {_size(self.kv_page_bytes_per_device)}/page/device "
+            f"({self.page_size} tokens, {self.kv_dtype})")
+    if self.kv_pages is not None:
+      line += (f"; {self.kv_pages} pages = {self.kv_tokens} tokens = "
+               f"{_size(self.kv_bytes_per_device)}/device")
+    if self.device_bytes is not None:
+      used = self.weight_bytes_per_device + (self.kv_bytes_per_device or 0)
+      line += (f"; {_size(used)} of {_size(self.device_bytes)}/device "
+               f"(budget {self.memory_fraction:.0%})")
+      line += "; fits" if self.fits else "; DOES NOT FIT"
+    if self.notes:
+      line += "; " + "; ".join(self.notes)
+    return line
+
+
+def _size(n: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"
+
+
+def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_size: int = 16,
+                  kv_dtype: Any = None, device_bytes: int | None = None,
+                  memory_fraction: float = 0.9, num_pages: int | None = None,
+                  max_model_len: int | None = None,
+                  rules: ShardingRules = ShardingRules()) -> MemoryReport:
+  """Per-device memory of `config` on `mesh` under `rules`, computed from shapes.
+
+  Args:
+    config: the model (its param_dtype is the weights' dtype).
+    mesh: a Mesh, a MeshShape or a "data=..,model=.." string.
+    page_size, kv_dtype: the KV page layout (kv_dtype default: compute dtype).
+    device_bytes: memory of one device (an H100: 80 * 2**30); with it,
+      `kv_pages` is the pages that fit in `memory_fraction` of it after weights.
+    num_pages: report this pool instead of the pages that would fit.
+    max_model_len: with device_bytes, `fits` also needs one sequence of this length.
+  """
+  if isinstance(mesh, str):
+    mesh = MeshShape.parse(mesh)
+  shape = mesh_shape(mesh)
+  if -1 in (shape.data, shape.model):
+    raise ValueError(f"memory_report needs concrete mesh sizes, got {shape}")
+  p = plan(config, shape, rules)
+  specs = params_lib.flatten(p.param_specs(config))
+  shapes = params_lib.flatten(params_lib.param_shapes(config))
+  itemsize = config.weight_dtype.itemsize
+  total = sum(math.prod(s) for s in shapes.values()) * itemsize
+  per_device = sum(math.prod(shapes[n]) * itemsize // p.shards(specs[n]) for n in shapes)
+
+  kv_dtype = jnp.dtype(config.dtype if kv_dtype is None else kv_dtype)
+  kv_heads_local = config.num_kv_heads // p.shards(P(p.axes.get("kv_heads")))
+  token_bytes = 2 * config.num_layers * kv_heads_local * config.head_dim * kv_dtype.itemsize
+  page_bytes = token_bytes * page_size
+
+  pages, fits = num_pages, None
+  if device_bytes is not None:
+    room = int(device_bytes * memory_fraction) - per_device
+    if pages is None:
+      pages = max(room // page_bytes, 0)
+    need = -(-max_model_len // page_size) if max_model_len else 1
+    fits = room >= pages * page_bytes and pages >= need and room > 0
+  return MemoryReport(
+      model=config.name, mesh=shape, weight_dtype=config.weight_dtype.name,
+      kv_dtype=kv_dtype.name, page_size=page_size, weight_bytes=total,
+      weight_bytes_per_device=per_device, kv_page_bytes_per_device=page_bytes,
+      kv_token_bytes_per_device=token_bytes, device_bytes=device_bytes,
+      memory_fraction=memory_fraction, kv_pages=pages, fits=fits, notes=p.notes)

@@ -1,0 +1,154 @@
+"""The KV-cache economy on a tiny model: prefix reuse, LRU eviction, preemption,
+admission control and the metrics that report them."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import models
+from engine import kv_cache
+from engine.engine import CapacityError, Engine, EngineConfig, SamplingParams
+from model import transformer as transformer_lib
+
+PAGE = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(1))
+
+
+def _engine(model, **overrides):
+  cfg = dict(page_size=PAGE, num_pages=64, max_model_len=160, max_batch=8, prefill_chunk=32,
+             max_prefill_batch=4)
+  cfg.update(overrides)
+  return Engine(model, None, EngineConfig(**cfg))
+
+
+def _prefill_tokens(engine):
+  return engine.metrics.registry.get_sample_value(
+      "ridgeline_computed_tokens_total", {"kind": "prefill"}) or 0
+
+
+def test_allocator_evicts_least_recently_released_cached_pages():
+  alloc = kv_cache.PageAllocator(4)
+  a, b, c = alloc.allocate(3)
+  key = lambda p: kv_cache.page_hash(b"", [p])  # noqa: E731
+  for p in (a, b):
+    alloc.cache(p, key(p))
+  alloc.free([b])  # released first: evicted first
+  alloc.free([a])
+  alloc.free([c])  # not cached: plainly free
+  assert alloc.num_free == 4 and alloc.num_used == 0 and alloc.num_cached == 2
+  got = alloc.allocate(2)  # the plain free pages come first, nothing evicted
+  assert alloc.evictions == 0 and alloc.lookup(key(a)) == a
+  alloc.allocate(1)
+  assert alloc.evictions == 1 and alloc.lookup(key(b)) is None and alloc.lookup(key(a)) == a
+  alloc.acquire(a)  # a cache hit revives it
+  assert alloc.refcount(a) == 1 and alloc.num_free == 0
+  alloc.free(got)
+  with pytest.raises(kv_cache.OutOfPages):
+    alloc.allocate(3)
+
+
+def test_ten_turn_conversation_computes_only_new_tokens(model):
+  engine = _engine(model)
+  rng = np.random.default_rng(0)
+  history: list[int] = []
+  for turn in range(10):
+    new = [int(t) for t in rng.integers(1, 512, size=int(rng.integers(4, 9)))]
+    prompt = history + new
+    before = _prefill_tokens(engine)
+    hits_before = engine.metrics.registry.get_sample_value(
+        "ridgeline_prefix_cache_hits_tokens_total")
+    out = engine.generate([prompt], GREEDY)[0]
+    computed = _prefill_tokens(engine) - before
+    hits = engine.metrics.registry.get_sample_value(
+        "ridgeline_prefix_cache_hits_tokens_total") - hits_before
+    assert hits + computed == len(prompt)
+    if turn > 0:
+      # New user tokens, the previous answer's last token (never run through the
+      # model), and at most one partial page.
+      assert computed <= len(new) + 1 + (PAGE - 1), (turn, computed, len(new))
+      assert hits >= len(history) - PAGE
+    history = prompt + out.token_ids
+  snap = engine.metrics.snapshot()["prefix_cache"]
+  assert snap["hit_rate"] > 0.6
+  # Reuse does not change results: the last turn alone on a fresh engine agrees.
+  fresh = _engine(model).generate([history[:-len(out.token_ids)]], GREEDY)[0]
+  assert fresh.token_ids == out.token_ids
+
+
+def test_small_pool_preempts_and_evicts_without_changing_outputs(model):
+  rng = np.random.default_rng(3)
+  prompts = [[int(t) for t in rng.integers(1, 512, size=int(rng.integers(20, 40)))]
+             for _ in range(12)]
+  prompts += [p[:24] + [7, 7] for p in prompts[:4]]  # shared prefixes
+  params = SamplingParams(temperature=0, max_tokens=40)
+  big = _engine(model, num_pages=200).generate(prompts, params)
+  small = _engine(model, num_pages=12, max_model_len=96)
+  out = small.generate(prompts, params)
+  assert [o.token_ids for o in out] == [o.token_ids for o in big]
+  assert all(o.finish_reason == "length" for o in out)
+  snap = small.metrics.snapshot()
+  assert snap["preemptions"] > 0 and small.scheduler.stats["preemptions"] == snap["preemptions"]
+  assert snap["prefix_cache"]["evictions"] > 0
+  assert small.num_free_pages() == 12
+
+
+def test_pool_too_small_for_one_sequence_is_refused(model):
+  with pytest.raises(ValueError, match=r"max_model_len=160.*needs.*num_pages"):
+    _engine(model, num_pages=10)
+  with pytest.raises(ValueError, match=r"cpu_kv_cache_bytes"):
+    _engine(model, num_pages=None, cpu_kv_cache_bytes=1000)
+
+
+def test_admission_control(model):
+  engine = _engine(model, max_waiting=4)
+  accepted, rejected = [], 0
+  for i in range(10):
+    try:
+      accepted.append(engine.add_request([1 + i, 2, 3], GREEDY))
+    except CapacityError as e:
+      rejected += 1
+      msg = str(e)
+  assert len(accepted) == 4 and rejected == 6
+  assert "at capacity" in msg and "4 requests waiting" in msg and "running" in msg
+  assert "KV cache" in msg
+  assert len(engine.scheduler.requests) == 4  # rejected load is not kept
+  while engine.has_unfinished():
+    engine.step()
+  assert all(engine.get_output(r).finish_reason == "length" for r in accepted)
+  # generate() feeds a long list through the bounded queue.
+  outs = engine.generate([[5, i + 1] for i in range(11)], GREEDY)
+  assert len(outs) == 11 and all(len(o.token_ids) == 6 for o in outs)
+
+
+def test_metrics_match_a_known_workload(model):
+  engine = _engine(model)
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8], list(range(10, 30))]
+  engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5))
+  snap = engine.metrics.snapshot()
+  assert snap["prompt_tokens"] == 28
+  assert snap["generation_tokens"] == 15
+  assert snap["steps"]["prefill"]["tokens"] == 28  # nothing cached yet
+  assert snap["steps"]["decode"]["tokens"] == 12  # 4 decode steps per request
+  # All three prompts prefill in one step, then decode together at batch 3.
+  assert snap["decode_batch_size"]["max"] == 3 and snap["decode_batch_size"]["count"] == 4
+  assert snap["ttft_s"]["count"] == 3 and snap["tpot_s"]["count"] == 3
+  assert snap["requests_running"] == 0 and snap["kv_cache_utilization"] == 0
+  assert snap["ridge_point"] == pytest.approx(engine.planner.ridge)
+  for kind in ("prefill", "decode"):
+    assert snap["steps"][kind]["achieved_intensity"] > 0
+    assert 0 < snap["steps"][kind]["mbu"] and 0 < snap["steps"][kind]["mfu"]
+  text = engine.metrics.prometheus_text()
+  for name in ("ridgeline_decode_batch_size_bucket", "ridgeline_kv_cache_utilization",
+               "ridgeline_prefix_cache_hits_tokens_total", "ridgeline_preemptions_total",
+               "ridgeline_target_arithmetic_intensity", "ridgeline_mfu", "ridgeline_mbu",
+               "ridgeline_time_to_first_token_seconds_bucket",
+               'ridgeline_generation_tokens_total 15.0'):
+    assert name in text, name
+  # A second identical batch hits the prefix cache for every full page.
+  engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5))
+  assert engine.metrics.snapshot()["prefix_cache"]["hit_tokens"] == 16
