@@ -69,6 +69,17 @@ PEAKS: dict[str, DevicePeaks] = {
 }
 
 
+def _seconds(fn, *args, repeats: int, stat) -> float:
+  """`stat` (min, median) of the wall time of `fn(*args)`, after one warm-up call."""
+  jax.block_until_ready(fn(*args))  # compile and warm
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(stat(times))
+
+
 def lookup(device_kind: str) -> DevicePeaks | None:
   """The table entry whose key appears in a jax `device_kind` string, if any."""
   for key, peaks in PEAKS.items():
@@ -97,13 +108,7 @@ def calibrate(device=None, matmul_size: int = 1024, stream_mib: int = 256,
   n = matmul_size
 
   def best_time(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile and warm
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append(time.perf_counter() - t0)
-    return min(times)
+    return _seconds(fn, *args, repeats=repeats, stat=min)
 
   flops = {}
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -217,13 +222,7 @@ def mbu(cost: StepCost, seconds: float, peaks: DevicePeaks) -> float:
 
 
 def _median_seconds(fn, *args, repeats: int = 5) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return _seconds(fn, *args, repeats=repeats, stat=np.median)
 
 
 @functools.lru_cache(maxsize=None)
