@@ -293,7 +293,10 @@ def _sample(logits: jax.Array, row_index: jax.Array, inputs: SamplerInputs, *,
     rank = jnp.arange(vocab)[None, :]
     # top-p keeps the smallest prefix whose mass reaches p (the first token always).
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < inputs.top_p[:, None]
+    # Rows with top_p = 1 keep everything: float rounding can make the running
+    # mass reach 1 before the tail, and such a row must not depend on whether
+    # another row of its batch needed the sort.
+    keep_sorted = (mass_before < inputs.top_p[:, None]) | (inputs.top_p[:, None] >= 1)
     k = jnp.where(inputs.top_k > 0, inputs.top_k, vocab)
     keep_sorted &= rank < k[:, None]
     keep &= jnp.zeros((batch, vocab), bool).at[rows, order].set(keep_sorted)
