@@ -172,15 +172,3 @@ class Runner:
       replicated = NamedSharding(self.mesh, P())
       src, dst = (sharding_lib.host_to_global(np.asarray(x), replicated) for x in (src, dst))
     self.kv = kv_cache.copy_pages(self.kv, src, dst)
-
-  def warmup(self, decode_batches: Sequence[int] = (), prefill_tokens: Sequence[int] = ()
-             ) -> None:
-    """Compiles decode batch buckets and prefill token buckets ahead of time.
-
-    Call it before serving: the dummy rows write into page 0, which must not yet
-    belong to a sequence.
-    """
-    for b in decode_batches:
-      self.step([Row([0], 0, [0])] * b)
-    for t in prefill_tokens:
-      self.step([Row([0] * t, 0, [0] * kv_cache.pages_for(t, self.config.page_size))])

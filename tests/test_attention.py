@@ -4,7 +4,6 @@ kernel (in interpret mode, on the CPU) against the reference einsums."""
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
