@@ -171,11 +171,13 @@ class Engine:
     return num_pages
 
   @classmethod
-  def from_checkpoint(cls, path: str, config: EngineConfig | None = None, tokenizer=None,
+  def from_checkpoint(cls, path: str, config: EngineConfig | None = None, mesh=None,
                       **kwargs) -> "Engine":
-    from model import checkpoint  # orbax is only needed when restoring
-    model_config, params = checkpoint.restore(path)
-    return cls(transformer_lib.from_params(model_config, params), tokenizer, config, **kwargs)
+    """An engine over a checkpoint (orbax, .gguf or HF directory) and the tokenizer
+    stored with it; on a mesh the weights are restored straight into their shardings."""
+    from model.loading import load_model  # orbax is only needed when restoring
+    model, tokenizer = load_model(path, mesh=mesh)
+    return cls(model, tokenizer, config, mesh=mesh, **kwargs)
 
   # Requests -----------------------------------------------------------------
 

@@ -120,7 +120,6 @@ class Scheduler:
     self.running: list[Seq] = []  # sequences holding pages, in arrival order
     self.requests: dict[str, Request] = {}
     self._arrivals = 0
-    self.stats = collections.Counter()
     self.last_decode_batch = 0
 
   # Admission ----------------------------------------------------------------
@@ -238,7 +237,6 @@ class Scheduler:
     self._release(seq)
     self.running.remove(seq)
     self.waiting.appendleft(seq)
-    self.stats["preemptions"] += 1
     self.metrics.preemptions.inc()
 
   def _release(self, seq: Seq) -> None:
@@ -296,8 +294,6 @@ class Scheduler:
 
   def _record_step(self, kind: str, seqs: list[Seq], chunks: list[int],
                    seconds: float) -> None:
-    self.stats["steps"] += 1
-    self.stats[f"{kind}_tokens"] += sum(chunks)
     cost = self.planner.cost(kind, [(s.num_computed, c) for s, c in zip(seqs, chunks)])
     peaks, dtype = self.planner.peaks, self.planner.dtype
     self.metrics.on_step(kind, len(seqs), sum(chunks), cost.flops, cost.bytes, seconds,

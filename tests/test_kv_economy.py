@@ -92,7 +92,7 @@ def test_small_pool_preempts_and_evicts_without_changing_outputs(model):
   assert [o.token_ids for o in out] == [o.token_ids for o in big]
   assert all(o.finish_reason == "length" for o in out)
   snap = small.metrics.snapshot()
-  assert snap["preemptions"] > 0 and small.scheduler.stats["preemptions"] == snap["preemptions"]
+  assert snap["preemptions"] > 0
   assert snap["prefix_cache"]["evictions"] > 0
   assert small.num_free_pages() == 12
 
