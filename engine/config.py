@@ -26,8 +26,8 @@ class EngineConfig:
     `cpu_kv_cache_bytes`.
   max_batch: most sequences in one decode step.
   max_model_len: most tokens (prompt + output) of one sequence.
-  prefill_chunk: most prompt tokens one sequence computes per step; longer
-    prompts are prefilled in several chunks.
+  prefill_chunk: most prompt tokens one step computes (all sequences together);
+    longer prompts are prefilled in several chunks.
   max_prefill_batch: most sequences prefilled together in one step.
   kv_dtype: KV cache dtype (default: the model's compute dtype).
   seed: seeds the engine's choice of seeds for requests that give none.
@@ -67,31 +67,58 @@ class EngineConfig:
   def max_pages_per_seq(self) -> int:
     return -(-self.max_model_len // self.page_size)
 
-  # Shape buckets: every step is padded up to one of these, so the number of
-  # compiled variants is bounded by the product of the bucket counts.
+  # Step shapes. A step is one flat batch of tokens: a decode region of Bd rows
+  # (one token each) and a prefill region of Tp tokens in tiles of
+  # `prefill_tile`. Each region is padded up to a bucket; the shape of a step is
+  # (Bd, Tp), and every such pair is one compiled variant, all compiled at
+  # start-up (`Runner.warmup`). Steps that carry prefill work pad their decode
+  # rows to coarser buckets (factors of 4): the prefill tokens dominate those
+  # steps, and it keeps the variant count small.
 
   @property
-  def decode_batch_buckets(self) -> tuple[int, ...]:
+  def prefill_tile(self) -> int:
+    return min(16, self.prefill_chunk)
+
+  @property
+  def decode_buckets(self) -> tuple[int, ...]:
+    """Decode rows of a step without prefill work."""
     return power_of_two_buckets(self.max_batch)
 
   @property
-  def prefill_batch_buckets(self) -> tuple[int, ...]:
-    return power_of_two_buckets(self.max_prefill_batch)
+  def mixed_decode_buckets(self) -> tuple[int, ...]:
+    """Decode rows of a step that also prefills (0: none)."""
+    return (0,) + geometric_buckets(self.max_batch, 4, 4)
 
   @property
   def prefill_token_buckets(self) -> tuple[int, ...]:
-    return power_of_two_buckets(self.prefill_chunk, start=min(16, self.prefill_chunk))
+    """Prefill tokens of a step: multiples of the tile, factors of 4 apart."""
+    tile = self.prefill_tile
+    top = -(-self.prefill_chunk // tile) * tile
+    return geometric_buckets(top, min(2 * tile, top), 4)
 
   @property
-  def block_buckets(self) -> tuple[int, ...]:
-    return power_of_two_buckets(self.max_pages_per_seq)
+  def max_sample_rows(self) -> int:
+    """Rows a step samples at most: every decode row and one per prefilled sequence."""
+    return self.max_batch + self.max_prefill_batch
+
+  def step_shapes(self) -> list[tuple[int, int]]:
+    """Every (decode rows, prefill tokens) a step can have."""
+    shapes = [(b, 0) for b in self.decode_buckets]
+    shapes += [(b, t) for t in self.prefill_token_buckets for b in self.mixed_decode_buckets]
+    return shapes
 
   def max_step_variants(self) -> int:
-    """Upper bound on compiled model-step variants (decode + prefill)."""
-    blocks = len(self.block_buckets)
-    decode = len(self.decode_batch_buckets) * blocks
-    prefill = len(self.prefill_batch_buckets) * len(self.prefill_token_buckets) * blocks
-    return decode + prefill
+    return len(self.step_shapes())
+
+
+def geometric_buckets(limit: int, start: int, factor: int) -> tuple[int, ...]:
+  """start, factor*start, ... and finally `limit` itself."""
+  out, b = [], start
+  while b < limit:
+    out.append(b)
+    b *= factor
+  out.append(limit)
+  return tuple(out)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

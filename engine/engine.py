@@ -11,15 +11,20 @@ for delta in engine.stream("Tell me a story", SamplingParams(max_tokens=32)):
 Prompts are strings, token-id lists or chat message lists. A prompt that cannot
 run (empty, too long, bad token ids, invalid parameters) fails alone: its output
 has `finish_reason == "error"` and an `error` message; the rest of the batch runs.
+
+Everything is built on one iterator, `Engine.iterate(requests)`: requests go in
+(lazily: an input of any length is pulled only as the waiting queue has room),
+finished outputs (and, with `stream=True`, deltas) come out as they happen.
+`generate`, `stream`, the batch job and the server are loops over it or over its
+parts (`add_request`, `step`, `abort`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -30,14 +35,15 @@ from engine.metrics import Metrics
 from engine.planner import Planner
 from engine.runner import Runner
 from engine.sampling import SamplingParams
+from engine.outputs import RequestMetrics
 from engine.scheduler import Request, Scheduler
 from model import transformer as transformer_lib
 from model.config import ModelConfig
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
-__all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "StreamOutput", "CapacityError"]
+__all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics",
+           "CompletionOutput", "StreamOutput", "GenerationRequest", "CapacityError"]
 
 
 class CapacityError(RuntimeError):
@@ -52,18 +58,6 @@ class CompletionOutput:
   finish_reason: str | None  # "stop" | "length" | "abort" | "error"
   stop_reason: int | str | None = None
   logprobs: list[dict[int, float]] | None = None
-
-
-@dataclasses.dataclass
-class RequestMetrics:
-  """Seconds. queue_time: arrival to first scheduled; ttft: arrival to first
-  token; tpot: mean time per output token after the first."""
-
-  arrival_time: float
-  queue_time: float | None = None
-  ttft: float | None = None
-  tpot: float | None = None
-  e2e: float | None = None
 
 
 @dataclasses.dataclass
@@ -94,7 +88,6 @@ class RequestOutput:
 class StreamOutput:
   """A piece of one completion: `text` and `token_ids` are new since the last one."""
 
-  prompt_index: int
   request_id: str
   index: int
   text: str
@@ -102,13 +95,23 @@ class StreamOutput:
   finished: bool
   finish_reason: str | None
   error: str | None = None
+  prompt_index: int | None = None  # set by `stream`: the prompt's position
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+  """One input of `Engine.iterate`; request_id None: the engine picks one."""
+
+  prompt: Any
+  params: SamplingParams | None = None
+  request_id: str | None = None
 
 
 class Engine:
   """Offline and streaming generation over a paged KV cache."""
 
   def __init__(self, model: transformer_lib.Transformer, tokenizer=None,
-               config: EngineConfig | None = None, kv_sharding=None,
+               config: EngineConfig | None = None,
                peaks: roofline.DevicePeaks | None = None, mesh=None):
     """`mesh` (model/sharding.make_mesh): shard weights and KV pages over it and
     split each step's rows over its data axis; None runs where the weights are.
@@ -122,7 +125,7 @@ class Engine:
           f"max_model_len ({config.max_model_len}) exceeds the model's "
           f"max_position_embeddings ({model.config.max_position_embeddings})")
     num_pages = self._size_pool(config, model.config, mesh)
-    self.runner = Runner(model, config, num_pages, kv_sharding, mesh=mesh)
+    self.runner = Runner(model, config, num_pages, mesh=mesh)
     eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
     self.peaks = peaks or roofline.device_peaks()
     self.planner = Planner(model.config, config, self.peaks)
@@ -200,6 +203,11 @@ class Engine:
       params.validate()
       prompt_ids = self._tokenize(prompt)
       max_tokens = self._check_length(prompt_ids, params)
+      vocab = self.model_config.vocab_size
+      for name in ("stop_token_ids", "allowed_token_ids"):
+        bad = [t for t in getattr(params, name) or () if t >= vocab]
+        if bad:
+          raise ValueError(f"{name} out of range [0, {vocab}): {bad[:5]}")
       if params.stop and self.tokenizer is None:
         raise ValueError("stop strings need a tokenizer; use stop_token_ids")
     except (ValueError, TypeError) as e:
@@ -259,27 +267,23 @@ class Engine:
     """One scheduler step; returns the per-sequence deltas it produced."""
     return self.scheduler.step()
 
+  def warmup(self) -> float:
+    """Compiles every step shape now (in parallel), so that no request waits for a
+    compilation; returns the seconds it took (little with a warm persistent cache)."""
+    return self.runner.warmup()
+
   def get_output(self, request_id: str) -> RequestOutput:
     if request_id in self._failed:
       return self._failed[request_id]
     request = self.scheduler.requests[request_id]
     seqs = sorted(request.seqs, key=lambda s: s.index)
-    outputs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                                s.stop_reason,
-                                list(s.logprobs) if request.params.logprobs is not None else None)
+    want_lp = request.params.logprobs is not None
+    outputs = [CompletionOutput(s.index, s.out.text, list(s.out.token_ids),
+                                s.out.finish_reason, s.out.stop_reason,
+                                list(s.out.logprobs) if want_lp else None)
                for s in seqs]
-    m = RequestMetrics(request.arrival_time)
-    if request.first_scheduled_time is not None:
-      m.queue_time = request.first_scheduled_time - request.arrival_time
-    if request.first_token_time is not None:
-      m.ttft = request.first_token_time - request.arrival_time
-    if request.finish_time is not None:
-      m.e2e = request.finish_time - request.arrival_time
-      n_out = max(len(s.output_ids) for s in seqs)
-      if n_out > 1 and request.first_token_time is not None:
-        m.tpot = (request.finish_time - request.first_token_time) / (n_out - 1)
     return RequestOutput(request_id, None, list(request.prompt_ids), outputs,
-                         request.finished, m)
+                         request.finished, request.metrics())
 
   def release(self, request_id: str) -> None:
     """Forgets a finished request (its output can no longer be fetched)."""
@@ -289,81 +293,98 @@ class Engine:
         raise ValueError(f"request {request_id!r} is still running")
       del self.scheduler.requests[request_id]
 
-  # Batch APIs -------------------------------------------------------------------
+  # The iterator ----------------------------------------------------------------
+
+  def iterate(self, requests: Iterable[GenerationRequest], *, stream: bool = False
+              ) -> Iterator[RequestOutput | StreamOutput]:
+    """Runs requests and yields what they produce, as it happens.
+
+    `requests` is consumed lazily, as the waiting queue has room. Every request
+    ends with exactly one `RequestOutput` (finished, in completion order, its
+    `prompt` set, the request then released); with `stream=True` its
+    `StreamOutput` deltas come before it. A request that cannot run yields its
+    error output at once. If the caller stops iterating, the requests still
+    running are aborted and released.
+    """
+    source = iter(requests)
+    exhausted = False
+    live: dict[str, GenerationRequest] = {}
+    try:
+      while not exhausted or live:
+        while not exhausted and len(self.scheduler.waiting) < self.config.max_waiting:
+          req = next(source, None)
+          if req is None:
+            exhausted = True
+            break
+          rid = self.add_request(req.prompt, req.params, req.request_id)
+          if rid in self._failed:
+            out = self.get_output(rid)
+            out.prompt = req.prompt
+            self.release(rid)
+            if stream:
+              yield StreamOutput(rid, 0, "", [], True, "error", out.error)
+            yield out
+          else:
+            live[rid] = req
+        if not live:
+          if not exhausted:  # the queue is full of other callers' requests
+            self.step()
+          continue
+        done = []
+        for d in self.step():
+          if d.request_id not in live:
+            continue  # a request of another caller of add_request
+          if stream:
+            yield StreamOutput(d.request_id, d.index, d.text, d.token_ids, d.finished,
+                               d.finish_reason)
+          if d.finished and self.scheduler.requests[d.request_id].finished:
+            done.append(d.request_id)
+        for rid in done:
+          out = self.get_output(rid)
+          out.prompt = live.pop(rid).prompt
+          self.release(rid)
+          yield out
+    finally:
+      for rid in live:  # the caller stopped early (e.g. a stream was closed)
+        self.abort(rid)
+        self.release(rid)
 
   @staticmethod
-  def _pair(prompts, params) -> tuple[list, list]:
+  def _requests(prompts, params) -> list[GenerationRequest]:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
       prompts = [prompts]
     if params is None or isinstance(params, SamplingParams):
       params = [params] * len(prompts)
     if len(params) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-    return list(prompts), list(params)
-
-  def _run_batch(self, prompts, params) -> Iterator[tuple[int, str, list]]:
-    """Submits prompts as the waiting queue has room and steps until all finish.
-
-    Yields (prompt index, request id, deltas) whenever a request is submitted or a
-    step produced deltas for it; the caller owns releasing finished requests.
-    """
-    prompts, params = self._pair(prompts, params)
-    index: dict[str, int] = {}
-    live: set[str] = set()
-    submitted = 0
-    try:
-      while submitted < len(prompts) or live:
-        while (submitted < len(prompts)
-               and len(self.scheduler.waiting) < self.config.max_waiting):
-          rid = self.add_request(prompts[submitted], params[submitted])
-          index[rid] = submitted
-          submitted += 1
-          if rid in self._failed:
-            yield index[rid], rid, []
-          else:
-            live.add(rid)
-        if live:
-          deltas = collections.defaultdict(list)
-          for d in self.step():
-            if d.request_id in live:
-              deltas[d.request_id].append(d)
-          for rid, ds in deltas.items():
-            yield index[rid], rid, ds
-          live = {rid for rid in live if not self.scheduler.requests[rid].finished}
-    finally:
-      for rid in live:  # the caller stopped early (e.g. a stream was closed)
-        self.abort(rid)
+    return [GenerationRequest(p, sp) for p, sp in zip(prompts, params)]
 
   def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                ) -> list[RequestOutput]:
-    """Runs every prompt to completion; outputs in input order. Prompts beyond the
-    waiting queue's bound are submitted as room frees up."""
-    prompt_list, _ = self._pair(prompts, params)
-    ids: dict[int, str] = {}
-    for k, rid, _ in self._run_batch(prompts, params):
-      ids[k] = rid
-    outputs = []
-    for k, prompt in enumerate(prompt_list):
-      out = self.get_output(ids[k])
-      out.prompt = prompt
-      outputs.append(out)
-      self.release(ids[k])
+    """Runs every prompt to completion; outputs in input order."""
+    requests = self._requests(prompts, params)
+    order = {}
+    for k, r in enumerate(requests):
+      r.request_id = f"generate-{next(self._ids)}"
+      order[r.request_id] = k
+    outputs: list[RequestOutput | None] = [None] * len(requests)
+    for out in self.iterate(requests):
+      outputs[order[out.request_id]] = out
     return outputs
 
   def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
              ) -> Iterator[StreamOutput]:
-    """Yields text deltas as tokens are produced, for one prompt or many."""
-    seen: set[str] = set()
-    try:
-      for k, rid, deltas in self._run_batch(prompts, params):
-        seen.add(rid)
-        if rid in self._failed:
-          yield StreamOutput(k, rid, 0, "", [], True, "error", self._failed[rid].error)
-        for d in deltas:
-          yield StreamOutput(k, rid, d.index, d.text, d.token_ids, d.finished, d.finish_reason)
-    finally:
-      for rid in seen:
-        self.release(rid)
+    """Yields text deltas as tokens are produced, for one prompt or many;
+    `prompt_index` says whose."""
+    requests = self._requests(prompts, params)
+    order = {}
+    for k, r in enumerate(requests):
+      r.request_id = f"stream-{next(self._ids)}"
+      order[r.request_id] = k
+    for out in self.iterate(requests, stream=True):
+      if isinstance(out, StreamOutput):
+        out.prompt_index = order[out.request_id]
+        yield out
 
   def num_free_pages(self) -> int:
     return self.scheduler.allocator.num_free

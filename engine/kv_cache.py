@@ -22,11 +22,9 @@ list is empty.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 from typing import Iterable, Sequence
 
-import jax
 import numpy as np
 
 
@@ -136,11 +134,84 @@ def pages_for(num_tokens: int, page_size: int) -> int:
   return -(-num_tokens // page_size)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def copy_pages(kv, src: jax.Array, dst: jax.Array):
-  """Copies whole pages src[i] -> dst[i] in every layer's pools (donated, in place)."""
-  return jax.tree.map(lambda pool: pool.at[dst].set(pool[src]), kv)
+class KVCacheManager:
+  """The host side of the cache: which pages each sequence owns, the prefix cache,
+  eviction and copy-on-write forks. The scheduler asks; only this class edits a
+  sequence's `pages` and `page_keys` (the page ids of its block table, and the
+  prefix-cache keys of its leading full pages).
 
+  A sequence is anything with `pages: list[int]`, `page_keys: list[bytes]` and
+  `num_computed: int`; `tokens` are passed in (the scheduler knows which are
+  resolved).
+  """
 
-def pool_bytes(kv) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kv))
+  def __init__(self, num_pages: int, page_size: int):
+    self.page_size = page_size
+    self.allocator = PageAllocator(num_pages)
+
+  @property
+  def num_free(self) -> int:
+    return self.allocator.num_free
+
+  def utilization(self) -> float:
+    return self.allocator.utilization()
+
+  def pages_needed(self, seq, num_tokens: int) -> int:
+    return max(0, pages_for(num_tokens, self.page_size) - len(seq.pages))
+
+  def allocate(self, seq, num_tokens: int) -> bool:
+    """Gives `seq` pages for its first `num_tokens` tokens; False (nothing taken)
+    if the pool cannot."""
+    need = self.pages_needed(seq, num_tokens)
+    if need > self.allocator.num_free:
+      return False
+    if need:
+      seq.pages += self.allocator.allocate(need)
+    return True
+
+  def release(self, seq) -> None:
+    """Drops the sequence's pages (full ones stay in the prefix cache) and resets it
+    to nothing computed. Last pages first, so the LRU evicts a sequence's tail
+    before its prefix."""
+    self.allocator.free(reversed(seq.pages))
+    seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+
+  def reuse_prefix(self, seq, tokens: Sequence[int]) -> int:
+    """Points a sequence about to start at the cached pages of its longest cached
+    prefix and returns the tokens found. At least one token is left to compute:
+    its logits are needed."""
+    key = b""
+    for j in range((len(tokens) - 1) // self.page_size):
+      key = page_hash(key, tokens[j * self.page_size:(j + 1) * self.page_size])
+      page = self.allocator.lookup(key)
+      if page is None:
+        break
+      self.allocator.acquire(page)
+      seq.pages.append(page)
+      seq.page_keys.append(key)
+    seq.num_computed = len(seq.pages) * self.page_size
+    return seq.num_computed
+
+  def publish(self, seq, tokens: Sequence[int]) -> None:
+    """Offers every full page of `seq` whose K/V has been dispatched and whose
+    tokens are all in `tokens` (the resolved ones) to the prefix cache. Pages
+    computed by a step that is still running may be published: any step that
+    reads them runs after it (one device stream; within a step every layer
+    writes all its K/V before it attends)."""
+    s = self.page_size
+    for j in range(len(seq.page_keys), min(seq.num_computed, len(tokens)) // s):
+      previous = seq.page_keys[-1] if seq.page_keys else b""
+      key = page_hash(previous, tokens[j * s:(j + 1) * s])
+      self.allocator.cache(seq.pages[j], key)
+      seq.page_keys.append(key)
+
+  def fork(self, parent, child, upto: int) -> None:
+    """Shares the parent's full pages among its first `upto` tokens with `child`
+    (copy-on-write without the copy: the child computes the rest of its prompt,
+    fewer than a page of tokens plus the last one, itself; the shared pages are
+    never written again)."""
+    full = upto // self.page_size
+    self.allocator.share(parent.pages[:full])
+    child.pages = list(parent.pages[:full])
+    child.page_keys = list(parent.page_keys[:full])
+    child.num_computed = full * self.page_size

@@ -25,7 +25,7 @@ class Metrics:
     self.ridge_point = ridge_point
     r = self.registry = prom.CollectorRegistry()
     p = "ridgeline_"
-    self.decode_batch = prom.Histogram(p + "decode_batch_size", "Sequences per decode step",
+    self.decode_batch = prom.Histogram(p + "decode_batch_size", "Decode rows per step",
                                        buckets=_BATCH_BUCKETS, registry=r)
     self.kv_util = prom.Gauge(p + "kv_cache_utilization",
                               "Fraction of KV pages owned by sequences", registry=r)
@@ -42,7 +42,8 @@ class Metrics:
     self.prompt_tokens = prom.Counter(p + "prompt_tokens", "Prompt tokens of admitted requests",
                                       registry=r)
     self.generated_tokens = prom.Counter(p + "generation_tokens", "Tokens generated", registry=r)
-    self.computed_tokens = prom.Counter(p + "computed_tokens", "Tokens run through the model",
+    self.computed_tokens = prom.Counter(p + "computed_tokens",
+                                        "Tokens run through the model (decode rows, prompt)",
                                         ["kind"], registry=r)
     self.steps = prom.Counter(p + "steps", "Model steps", ["kind"], registry=r)
     self.memory_bound_steps = prom.Counter(p + "memory_bound_steps",
@@ -73,15 +74,18 @@ class Metrics:
 
   def on_step(self, kind: str, batch: int, tokens: int, flops: float, bytes_: float,
               seconds: float, mfu: float, mbu: float) -> None:
+    """One step: `kind` is "decode", "prefill" or "mixed" (both in one pass);
+    `batch` its decode rows, `tokens` all the tokens it computed."""
     intensity = flops / bytes_ if bytes_ else 0.0
     self.steps.labels(kind).inc()
-    self.computed_tokens.labels(kind).inc(tokens)
+    self.computed_tokens.labels("decode").inc(batch)
+    self.computed_tokens.labels("prefill").inc(tokens - batch)
     self.achieved_intensity.labels(kind).set(intensity)
     self.mfu.labels(kind).set(mfu)
     self.mbu.labels(kind).set(mbu)
     if intensity < self.ridge_point:
       self.memory_bound_steps.labels(kind).inc()
-    if kind == "decode":
+    if batch:  # decode rows (a mixed step has both)
       self.decode_batch.observe(batch)
       self._samples["decode_batch_size"].append(batch)
     acc = self._steps.setdefault(kind, dict(steps=0, memory_bound=0, tokens=0, flops=0.0,

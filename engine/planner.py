@@ -2,7 +2,9 @@
 
 A step that reads all the weights to compute a handful of tokens wastes the chip:
 its arithmetic intensity (FLOPs per byte) is far below the ridge point, where the
-device stops waiting on memory. The planner picks, before each step,
+device stops waiting on memory. Each step is one forward pass over one token
+budget (decode rows and prefill chunks together); the planner picks, before
+each step,
 
 - the decode batch: every sequence ready to decode (more rows cost almost nothing
   while memory-bound), cut to `max_batch` and to the step-latency bound;
@@ -10,7 +12,7 @@ device stops waiting on memory. The planner picks, before each step,
   decode step reaches the ridge (`decode_ridge_batch`) and below `max_batch`,
   the budget is a whole chunk: admitting new sequences is what moves decoding
   toward the ridge. Once the decode batch is there, the budget is just enough
-  prompt tokens for the prefill step itself to reach the ridge (`ridge_tokens`,
+  prompt tokens for a prefill pass of its own to reach the ridge (`ridge_tokens`,
   rounded up to a compiled token bucket): more would only delay the decoders.
   Either way the budget respects the latency bound.
 
@@ -114,8 +116,7 @@ class Planner:
       budget //= 2
     return Plan(batch, max(budget, 1), self.ridge)
 
-  def cost(self, kind: str, rows: Sequence[tuple[int, int]]) -> roofline.StepCost:
-    """The roofline cost of a step that ran `rows` of (cached prefix, new tokens)."""
-    if kind == "decode":
-      return roofline.decode_cost(self.model_config, [p for p, _ in rows], self.config.kv_dtype)
-    return roofline.prefill_cost(self.model_config, rows, self.config.kv_dtype)
+  def cost(self, rows: Sequence[tuple[int, int]]) -> roofline.StepCost:
+    """The roofline cost of a step that ran `rows` of (cached prefix, new tokens):
+    decode rows are (context, 1), prefill chunks (start, length)."""
+    return roofline.step_rows_cost(self.model_config, rows, self.config.kv_dtype)

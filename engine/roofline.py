@@ -186,24 +186,26 @@ def step_cost(c: ModelConfig, *, new_tokens: int, logit_rows: int,
                   kv_per_token * new_tokens)
 
 
+def step_rows_cost(c: ModelConfig, rows, kv_dtype=None) -> StepCost:
+  """One step over (prefix_len, new_tokens) rows: each row's new tokens attend
+  causally to its cached prefix and to themselves, and each row computes one
+  row of logits. A decode row is (context, 1)."""
+  rows = np.asarray(rows, np.float64).reshape(-1, 2)
+  prefix, n = rows[:, 0], rows[:, 1]
+  return step_cost(c, new_tokens=int(n.sum()), logit_rows=len(rows),
+                   attended=float(np.sum(n * prefix + n * (n + 1) / 2)),
+                   kv_read_tokens=float(prefix.sum()), kv_dtype=kv_dtype)
+
+
 def decode_cost(c: ModelConfig, context_lens, kv_dtype=None) -> StepCost:
   """A decode step: one new token per sequence, each with its context length
   (tokens already cached before this step)."""
-  ctx = np.asarray(context_lens, np.float64)
-  return step_cost(c, new_tokens=len(ctx), logit_rows=len(ctx), attended=float(np.sum(ctx + 1)),
-                   kv_read_tokens=float(np.sum(ctx)), kv_dtype=kv_dtype)
+  return step_rows_cost(c, [(ctx, 1) for ctx in context_lens], kv_dtype)
 
 
 def prefill_cost(c: ModelConfig, chunks, kv_dtype=None) -> StepCost:
-  """A prefill step over (prefix_len, chunk_len) pairs: each chunk attends
-  causally to its cached prefix and to itself."""
-  tokens = attended = read = 0.0
-  for prefix, n in chunks:
-    tokens += n
-    attended += n * prefix + n * (n + 1) / 2
-    read += prefix
-  return step_cost(c, new_tokens=int(tokens), logit_rows=len(chunks), attended=attended,
-                   kv_read_tokens=read, kv_dtype=kv_dtype)
+  """Prefill of (prefix_len, chunk_len) pairs."""
+  return step_rows_cost(c, list(chunks), kv_dtype)
 
 
 def mfu(cost: StepCost, seconds: float, peaks: DevicePeaks, dtype) -> float:

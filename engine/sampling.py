@@ -1,11 +1,12 @@
 """Sampling parameters (vLLM's meanings and ranges) and one jitted batched sampler.
 
 Every per-request parameter travels to the device as a row of an array, so a new
-combination of parameters never recompiles. Only three facts about a whole batch
-are static, because they switch work on or off for every row: whether any row
-uses penalties, whether any row needs the sorted distribution (top-k or top-p),
-and whether any row wants log-probabilities. That makes at most 8 sampler
-variants per batch bucket, and in practice 1 or 2.
+combination of parameters never recompiles: the sampler runs inside the model's
+jitted step (engine/runner.py), and which optional work it does is decided on
+the device from those arrays. Only two shapes can change: the penalty history
+(width 1 unless some row uses penalties) and the allowed-token masks ([1, 1]
+unless some row has `allowed_token_ids`); each compiles its own step variant
+the first time it is used.
 
 Randomness: a row's key is `fold_in(PRNGKey(seed), token_index)`, where
 `token_index` counts the request's own generated tokens. A seeded request draws
@@ -15,7 +16,6 @@ the same tokens whatever else shares its batch, and after a preemption.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -51,12 +51,15 @@ class SamplingParams:
   logprobs: int | None = None
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
+  allowed_token_ids: Sequence[int] | None = None  # sample only among these
 
   def __post_init__(self):
     if isinstance(self.stop, str):
       self.stop = [self.stop]
     self.stop = list(self.stop or [])
     self.stop_token_ids = list(self.stop_token_ids or [])
+    if self.allowed_token_ids is not None:
+      self.allowed_token_ids = list(self.allowed_token_ids)
     if self.top_k == -1:
       self.top_k = 0
     self.validate()
@@ -100,6 +103,9 @@ class SamplingParams:
     if self.logprobs is not None and (not is_int(self.logprobs)
                                       or not 0 <= self.logprobs <= MAX_LOGPROBS):
       bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+    if self.allowed_token_ids is not None and (
+        not self.allowed_token_ids or not all(is_int(t) and t >= 0 for t in self.allowed_token_ids)):
+      bad("allowed_token_ids", "a non-empty list of token ids >= 0, or None")
     if not isinstance(self.ignore_eos, bool):
       bad("ignore_eos", "a bool")
 
@@ -130,31 +136,40 @@ def _finite(x) -> bool:
 
 
 class SamplerInputs(NamedTuple):
-  """Per-row sampling state, host-built, padded to the batch bucket.
+  """Per-row sampling state, host-built, padded to the step's sample rows R.
 
-  Arrays rather than Python scalars so every value is data to the compiled
-  sampler, not part of its cache key.
+  Arrays rather than Python scalars so every value is data to the compiled step,
+  not part of its cache key. Which work runs (penalties, bans, the random draw,
+  the sort for top-k/top-p, log-probabilities, allowed-token masks) is decided on
+  the device from these arrays (`lax.cond`), so one compiled step serves every
+  mix of parameters, and a row that uses none of them costs nothing extra.
   """
 
-  temperature: np.ndarray  # [B] f32, 0 = greedy
-  top_k: np.ndarray  # [B] i32, 0 = off
-  top_p: np.ndarray  # [B] f32
-  min_p: np.ndarray  # [B] f32
-  repetition_penalty: np.ndarray  # [B] f32
-  presence_penalty: np.ndarray  # [B] f32
-  frequency_penalty: np.ndarray  # [B] f32
-  seed: np.ndarray  # [B] u32 x2 (low, high words of the 64-bit seed): [B, 2]
-  token_index: np.ndarray  # [B] i32, the request's own output position
-  banned: np.ndarray  # [B, NBAN] i32 ids that may not be sampled (min_tokens), -1 pad
-  history: np.ndarray  # [B, L] i32 prompt+output ids for penalties, -1 pad ([B, 1] if unused)
-  history_is_output: np.ndarray  # [B, L] bool
+  temperature: np.ndarray  # [R] f32, 0 = greedy
+  top_k: np.ndarray  # [R] i32, 0 = off (clamped to the vocabulary)
+  top_p: np.ndarray  # [R] f32
+  min_p: np.ndarray  # [R] f32
+  repetition_penalty: np.ndarray  # [R] f32
+  presence_penalty: np.ndarray  # [R] f32
+  frequency_penalty: np.ndarray  # [R] f32
+  seed: np.ndarray  # [R, 2] u32 (low, high words of the 64-bit seed)
+  token_index: np.ndarray  # [R] i32, the sequence's own output position
+  logprobs: np.ndarray  # [R] bool, the row wants log-probabilities
+  banned: np.ndarray  # [R, NBAN] i32 ids that may not be sampled (min_tokens), -1 pad
+  history: np.ndarray  # [R, L] i32 prompt+output ids for penalties, -1 pad ([R, 1] if unused)
+  history_is_output: np.ndarray  # [R, L] bool
+  allowed: np.ndarray  # [M, ceil(V/32)] u32 bitmasks of allowed tokens ([1, 1] if unused)
+  allowed_row: np.ndarray  # [R] i32 which mask a row uses, -1: none
 
 
 class SamplerOutput(NamedTuple):
-  tokens: jax.Array  # [B] i32
-  logprob: jax.Array  # [B] f32 log-probability of the sampled token (NaN unless want_logprobs)
-  top_ids: jax.Array  # [B, MAX_LOGPROBS] i32 (or [B, 0])
-  top_logprobs: jax.Array  # [B, MAX_LOGPROBS] f32 (or [B, 0])
+  tokens: jax.Array  # [R] i32
+  logprob: jax.Array  # [R] f32 log-probability of the sampled token (0 unless asked)
+  top_ids: jax.Array  # [R, MAX_LOGPROBS] i32
+  top_logprobs: jax.Array  # [R, MAX_LOGPROBS] f32
+
+
+BAN_WIDTH = 8  # banned ids per row in the standard step; longer lists widen it
 
 
 def bucket_size(n: int, minimum: int = 1) -> int:
@@ -167,13 +182,16 @@ def bucket_size(n: int, minimum: int = 1) -> int:
 
 def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], Sequence[int],
                                       Sequence[int]]],
-                 batch_size: int) -> tuple[SamplerInputs, bool, bool, bool]:
-  """Packs rows into padded arrays and decides the three static switches.
+                 num_rows: int, vocab_size: int, history_width: int | None = None
+                 ) -> SamplerInputs:
+  """Packs rows into arrays of `num_rows` (padding rows are greedy and plain).
 
-  Each row is (params, seed, token_index, banned_ids, prompt_ids, output_ids).
-  Returns (inputs, use_penalties, need_sort, want_logprobs).
+  Each row is (params, seed, token_index, banned_ids, prompt_ids, output_ids), or
+  None for a row whose sample nobody reads. `history_width`: the width of the
+  penalty history when some row uses penalties (default: the longest row,
+  rounded up to a power of two).
   """
-  b = batch_size
+  b = num_rows
   temperature = np.zeros(b, np.float32)
   top_k = np.zeros(b, np.int32)
   top_p = np.ones(b, np.float32)
@@ -183,133 +201,152 @@ def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], S
   freq = np.zeros(b, np.float32)
   seed = np.zeros((b, 2), np.uint32)
   token_index = np.zeros(b, np.int32)
-  use_penalties = any(p.uses_penalties for p, *_ in rows)
-  need_sort = any(p.needs_sort for p, *_ in rows)
-  want_logprobs = any(p.logprobs is not None for p, *_ in rows)
-  banned_width = bucket_size(max([len(r[3]) for r in rows] + [1]))
-  banned = np.full((b, banned_width), -1, np.int32)
+  logprobs = np.zeros(b, bool)
+  live = [(i, r) for i, r in enumerate(rows) if r is not None]
+  penalized = [(i, r) for i, r in live if r[0].uses_penalties]
+  banned = np.full((b, bucket_size(max([len(r[3]) for _, r in live] + [BAN_WIDTH]))), -1,
+                   np.int32)
   hist_width = 1
-  if use_penalties:
-    hist_width = bucket_size(max(len(r[4]) + len(r[5]) for r in rows if r[0].uses_penalties), 16)
+  if penalized:
+    longest = max(len(r[4]) + len(r[5]) for _, r in penalized)
+    hist_width = max(history_width or 0, bucket_size(longest, 16))
   history = np.full((b, hist_width), -1, np.int32)
   is_output = np.zeros((b, hist_width), bool)
-  # Whole columns at once: a per-row loop cost ~8 us a row (2 ms at batch 256).
-  n = len(rows)
-  params = [r[0] for r in rows]
-  temperature[:n] = [p.temperature for p in params]
-  top_k[:n] = [p.top_k for p in params]
-  top_p[:n] = [p.top_p for p in params]
-  min_p[:n] = [p.min_p for p in params]
-  rep[:n] = [p.repetition_penalty for p in params]
-  pres[:n] = [p.presence_penalty for p in params]
-  freq[:n] = [p.frequency_penalty for p in params]
-  seeds = [r[1] for r in rows]
-  seed[:n, 0] = [x & 0xFFFFFFFF for x in seeds]
-  seed[:n, 1] = [(x >> 32) & 0xFFFFFFFF for x in seeds]
-  token_index[:n] = [r[2] for r in rows]
-  for i, (p, s, idx, ban, prompt_ids, output_ids) in enumerate(rows):
+  masked = [(i, r) for i, r in live if r[0].allowed_token_ids is not None]
+  words = -(-vocab_size // 32)
+  allowed = np.zeros((b if masked else 1, words if masked else 1), np.uint32)
+  allowed_row = np.full(b, -1, np.int32)
+  if live:
+    # Whole columns at once: a per-row loop cost ~8 us a row (2 ms at batch 256).
+    idx = np.fromiter((i for i, _ in live), np.int64, len(live))
+    params = [r[0] for _, r in live]
+    temperature[idx] = [p.temperature for p in params]
+    top_k[idx] = [min(p.top_k, vocab_size) for p in params]
+    top_p[idx] = [p.top_p for p in params]
+    min_p[idx] = [p.min_p for p in params]
+    rep[idx] = [p.repetition_penalty for p in params]
+    pres[idx] = [p.presence_penalty for p in params]
+    freq[idx] = [p.frequency_penalty for p in params]
+    seeds = [r[1] for _, r in live]
+    seed[idx, 0] = [x & 0xFFFFFFFF for x in seeds]
+    seed[idx, 1] = [(x >> 32) & 0xFFFFFFFF for x in seeds]
+    token_index[idx] = [r[2] for _, r in live]
+    logprobs[idx] = [p.logprobs is not None for p in params]
+  for i, (p, s, t, ban, prompt_ids, output_ids) in live:
     if ban:
       banned[i, :len(ban)] = ban
-    if use_penalties and p.uses_penalties:
-      n_prompt = len(prompt_ids)
-      history[i, :n_prompt] = prompt_ids
-      history[i, n_prompt:n_prompt + len(output_ids)] = output_ids
-      is_output[i, n_prompt:n_prompt + len(output_ids)] = True
-  inputs = SamplerInputs(temperature, top_k, top_p, min_p, rep, pres, freq, seed,
-                         token_index, banned, history, is_output)
-  return inputs, use_penalties, need_sort, want_logprobs
+  for i, (p, s, t, ban, prompt_ids, output_ids) in penalized:
+    n_prompt = len(prompt_ids)
+    history[i, :n_prompt] = prompt_ids
+    history[i, n_prompt:n_prompt + len(output_ids)] = output_ids
+    is_output[i, n_prompt:n_prompt + len(output_ids)] = True
+  for i, (p, *_) in masked:
+    ids = np.asarray(p.allowed_token_ids, np.int64)
+    np.bitwise_or.at(allowed[i], ids // 32, (1 << (ids % 32)).astype(np.uint32))
+    allowed_row[i] = i
+  return SamplerInputs(temperature, top_k, top_p, min_p, rep, pres, freq, seed, token_index,
+                       logprobs, banned, history, is_output, allowed, allowed_row)
 
 
-def sample(logits: jax.Array, row_index: jax.Array, inputs: SamplerInputs, *,
-           use_penalties: bool, need_sort: bool, want_logprobs: bool) -> SamplerOutput:
-  """Samples one token per row: row i draws from `logits[row_index[i]]`.
+def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
+  """Samples one token per row of `logits` [R, V] (float32); traced inside the step.
 
-  logits: [N, V] float32 from a model step; row_index: [B] int32 (several rows
-  may read the same logits, as the n samples of one prompt do).
-
-  A batch whose rows are all greedy (known on the host, from the temperatures)
-  runs a variant without the random draw: drawing costs a random number per
-  vocabulary entry per row (measured on the 2-core CPU at batch 64 over a
-  49152-token vocabulary: 118 ms, most of a decode step), and greedy rows
-  discard it. Greedy rows get the same tokens either way. Likewise the ban
-  mask is built only when some row bans tokens, and log-probabilities are
-  computed only when some row wants them.
+  Each optional piece of work runs under a `lax.cond` on whether any row needs
+  it, decided from the arrays: drawing costs a random number per vocabulary
+  entry per row (measured on the 2-core CPU at batch 64 over a 49152-token
+  vocabulary: 118 ms, most of a decode step), the sort for top-k/top-p more, and
+  a greedy batch needs neither. Greedy rows get the same tokens either way.
   """
-  any_random = bool(np.any(np.asarray(inputs.temperature) > 0))
-  any_banned = bool(np.any(np.asarray(inputs.banned) >= 0))
-  # When row i reads logits row i (a decode step), the [N, V] row gather is
-  # skipped: it cost 3.4 ms at batch 64 on the CPU.
-  identity = (isinstance(row_index, np.ndarray) and row_index.shape[0] == logits.shape[0]
-              and np.array_equal(row_index, np.arange(row_index.shape[0])))
-  return _sample(logits, None if identity else row_index, inputs,
-                 use_penalties=use_penalties, need_sort=need_sort and any_random,
-                 want_logprobs=want_logprobs, any_random=any_random, any_banned=any_banned)
-
-
-@functools.partial(jax.jit, static_argnames=("use_penalties", "need_sort", "want_logprobs",
-                                             "any_random", "any_banned"))
-def _sample(logits: jax.Array, row_index: jax.Array, inputs: SamplerInputs, *,
-            use_penalties: bool, need_sort: bool, want_logprobs: bool,
-            any_random: bool, any_banned: bool) -> SamplerOutput:
-  if row_index is not None:
-    logits = logits[row_index]
-  logits = logits.astype(jnp.float32)  # [B, V]
+  logits = logits.astype(jnp.float32)  # [R, V]
   batch, vocab = logits.shape
   rows = jnp.arange(batch)[:, None]
+  cond = jax.lax.cond
 
-  # Log-probabilities are reported for the model's own distribution (vLLM's
-  # default "raw" logprobs), before penalties and truncation.
-  raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if want_logprobs else None
-
-  if use_penalties:
+  def penalize(x):
     valid = inputs.history >= 0
     ids = jnp.where(valid, inputs.history, 0)
     seen = jnp.zeros((batch, vocab), bool).at[rows, ids].max(valid)
     out_counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].add(
         (valid & inputs.history_is_output).astype(jnp.float32))
     rep = inputs.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = (logits - inputs.frequency_penalty[:, None] * out_counts
-              - inputs.presence_penalty[:, None] * (out_counts > 0))
+    x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+    return (x - inputs.frequency_penalty[:, None] * out_counts
+            - inputs.presence_penalty[:, None] * (out_counts > 0))
 
-  if any_banned:
-    banned_valid = inputs.banned >= 0
-    banned_ids = jnp.where(banned_valid, inputs.banned, 0)
-    ban_mask = jnp.zeros((batch, vocab), bool).at[rows, banned_ids].max(banned_valid)
-    logits = jnp.where(ban_mask, _NEG_INF, logits)
+  def ban(x):
+    valid = inputs.banned >= 0
+    ids = jnp.where(valid, inputs.banned, 0)
+    return jnp.where(jnp.zeros((batch, vocab), bool).at[rows, ids].max(valid), _NEG_INF, x)
+
+  def restrict(x):
+    words = inputs.allowed[jnp.maximum(inputs.allowed_row, 0)]  # [R, W]
+    v = jnp.arange(vocab)
+    bits = (words[:, v // 32] >> (v % 32).astype(jnp.uint32)) & 1  # [R, V]
+    keep = (bits == 1) | (inputs.allowed_row[:, None] < 0)
+    return jnp.where(keep, x, _NEG_INF)
+
+  raw_logits = logits
+  uses_penalties = jnp.any((inputs.repetition_penalty != 1) | (inputs.presence_penalty != 0)
+                           | (inputs.frequency_penalty != 0))
+  if inputs.history.shape[1] > 1:  # a [R, 1] history means no row uses penalties
+    logits = cond(uses_penalties, penalize, lambda x: x, logits)
+  logits = cond(jnp.any(inputs.banned >= 0), ban, lambda x: x, logits)
+  if inputs.allowed.shape[1] > 1:  # a [1, 1] mask means no row has one
+    logits = cond(jnp.any(inputs.allowed_row >= 0), restrict, lambda x: x, logits)
 
   greedy_tokens = _argmax(logits)
-  if not any_random:
-    return _output(greedy_tokens, raw_logprobs, want_logprobs)
+  random_rows = inputs.temperature > 0
 
-  temperature = jnp.where(inputs.temperature > 0, inputs.temperature, 1.0)
-  scaled = logits / temperature[:, None]
-  probs = jax.nn.softmax(scaled, axis=-1)
-  # min_p: drop tokens whose probability is below min_p times the top one.
-  keep = probs >= inputs.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-  if need_sort:
-    order = jnp.argsort(-scaled, axis=-1)  # [B, V] descending
-    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    # top-p keeps the smallest prefix whose mass reaches p (the first token always).
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # Rows with top_p = 1 keep everything: float rounding can make the running
-    # mass reach 1 before the tail, and such a row must not depend on whether
-    # another row of its batch needed the sort.
-    keep_sorted = (mass_before < inputs.top_p[:, None]) | (inputs.top_p[:, None] >= 1)
-    k = jnp.where(inputs.top_k > 0, inputs.top_k, vocab)
-    keep_sorted &= rank < k[:, None]
-    keep &= jnp.zeros((batch, vocab), bool).at[rows, order].set(keep_sorted)
-  scaled = jnp.where(keep, scaled, _NEG_INF)
+  def draw_all(x):
+    temperature = jnp.where(random_rows, inputs.temperature, 1.0)
+    scaled = x / temperature[:, None]
+    probs = jax.nn.softmax(scaled, axis=-1)
+    # min_p: drop tokens whose probability is below min_p times the top one.
+    keep = probs >= inputs.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
 
-  def draw(seed_words, index, row_logits):
-    key = jax.random.wrap_key_data(seed_words, impl="threefry2x32")
-    key = jax.random.fold_in(key, index)
-    return jax.random.categorical(key, row_logits).astype(jnp.int32)
+    def truncate(keep):
+      order = jnp.argsort(-scaled, axis=-1)  # [R, V] descending
+      sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+      rank = jnp.arange(vocab)[None, :]
+      # top-p keeps the smallest prefix whose mass reaches p (the first token always).
+      mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+      # Rows with top_p = 1 keep everything: float rounding can make the running
+      # mass reach 1 before the tail, and such a row must not depend on whether
+      # another row of its batch needed the sort.
+      keep_sorted = (mass_before < inputs.top_p[:, None]) | (inputs.top_p[:, None] >= 1)
+      k = jnp.where(inputs.top_k > 0, inputs.top_k, vocab)
+      keep_sorted &= rank < k[:, None]
+      return keep & jnp.zeros((batch, vocab), bool).at[rows, order].set(keep_sorted)
 
-  sampled = jax.vmap(draw)(inputs.seed, inputs.token_index, scaled)
-  tokens = jnp.where(inputs.temperature > 0, sampled, greedy_tokens)
-  return _output(tokens, raw_logprobs, want_logprobs)
+    needs_sort = jnp.any(random_rows & ((inputs.top_k > 0) | (inputs.top_p < 1)))
+    keep = cond(needs_sort, truncate, lambda k: k, keep)
+    scaled = jnp.where(keep, scaled, _NEG_INF)
+
+    def draw(seed_words, index, row_logits):
+      key = jax.random.wrap_key_data(seed_words, impl="threefry2x32")
+      key = jax.random.fold_in(key, index)
+      return jax.random.categorical(key, row_logits).astype(jnp.int32)
+
+    sampled = jax.vmap(draw)(inputs.seed, inputs.token_index, scaled)
+    return jnp.where(random_rows, sampled, greedy_tokens)
+
+  tokens = cond(jnp.any(random_rows), draw_all, lambda x: greedy_tokens, logits)
+
+  # Log-probabilities are reported for the model's own distribution (vLLM's
+  # default "raw" logprobs), before penalties and truncation.
+  def with_logprobs(x):
+    raw = jax.nn.log_softmax(x, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+    return (jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32),
+            top_lp)
+
+  def without_logprobs(x):
+    return (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((batch, MAX_LOGPROBS), jnp.float32))
+
+  logprob, top_ids, top_lp = cond(jnp.any(inputs.logprobs), with_logprobs, without_logprobs,
+                                  raw_logits)
+  return SamplerOutput(tokens, logprob, top_ids, top_lp)
 
 
 def _argmax(x: jax.Array) -> jax.Array:
@@ -320,14 +357,3 @@ def _argmax(x: jax.Array) -> jax.Array:
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   first = jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
   return jnp.where(first < x.shape[-1], first, 0).astype(jnp.int32)  # NaN rows: 0
-
-
-def _output(tokens, raw_logprobs, want_logprobs: bool) -> SamplerOutput:
-  batch = tokens.shape[0]
-  if not want_logprobs:
-    nothing = jnp.zeros((batch, 0), jnp.float32)
-    return SamplerOutput(tokens, jnp.full((batch,), jnp.nan, jnp.float32),
-                         nothing.astype(jnp.int32), nothing)
-  logprob = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-  top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
-  return SamplerOutput(tokens, logprob, top_ids.astype(jnp.int32), top_logprobs)

@@ -6,16 +6,26 @@ block table); token `t` of a sequence lives in page `block_table[t // page_size]
 at offset `t % page_size`. The host computes, for every new token, its flat slot
 `page * page_size + offset`, so the device-side update is one scatter.
 
-Everything the model knows about caching is in the two functions below
-(`write_kv` and `attend`): the transformer calls them with explicit inputs and
-never looks inside the pools. `attend` dispatches on `impl`:
+A step is one flat batch of N tokens (`StepLayout`): first the decode region, one
+token per decoding sequence, then the prefill region, cut into tiles of Q
+consecutive tokens of one sequence each (a prompt chunk takes as many tiles as it
+needs; the last one is padded). The weights' matmuls run once over all N tokens;
+only attention treats the regions differently: a decode row attends with its own
+block table, a tile's Q queries share one gather of their sequence's pages.
 
-  "xla"          pure XLA; runs everywhere and is the definition of correct. A
-                 decode step (one query per sequence) takes a cheaper route
-                 with the same math (see `_attend_xla_decode`).
-  "pallas_gpu"   decode steps run the paged-attention Pallas kernel that JAX
-                 ships (jax.experimental.pallas.ops.gpu.paged_attention, Triton)
-                 on our page layout; prefill steps run the XLA reference.
+Both regions walk the context in blocks of pages with an online softmax, as far
+as the longest sequence in the region reaches (a loop with a data-dependent trip
+count): block tables are full width (`max_model_len` pages), so their width never
+changes the compiled shape, and the work follows the real context, not the table.
+
+Everything the model knows about caching is in `write_kv` and `attend`. `attend`
+dispatches on `impl`:
+
+  "xla"          pure XLA; runs everywhere. `_attend_xla` (no blocking, no online
+                 softmax) is the definition of correct the tests compare against.
+  "pallas_gpu"   decode rows run the paged-attention Pallas kernel that JAX ships
+                 (jax.experimental.pallas.ops.gpu.paged_attention, Triton) on our
+                 page layout; prefill tiles run the XLA path.
   "pallas_gpu_interpret"  the same kernel in Pallas' interpret mode (any
                  backend, slow): for tests on CPU.
   "auto"         "pallas_gpu" on a single NVIDIA GPU, else "xla".
@@ -24,6 +34,7 @@ never looks inside the pools. `attend` dispatches on `impl`:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +45,30 @@ _MASK_VALUE = -1e30
 
 IMPLS = ("xla", "pallas_gpu", "pallas_gpu_interpret", "auto")
 
+# Context covered per iteration of the attention loop. A step whose sequences are
+# all shorter runs one iteration (straight-line work); a 2,048-token context runs
+# 8. Smaller blocks cost a loop iteration each; larger ones attend over more
+# padding for short sequences.
+BLOCK_TOKENS = 256
+
+
+class StepLayout(NamedTuple):
+  """Where each region of a step's flat token batch attends (int32 arrays).
+
+  decode_tables: [Bd, NB] pages of each decode row's sequence (NB: full width).
+  decode_lens: [Bd] cached tokens of the row's sequence after this step (0: padding).
+  tile_tables: [nT, NB] pages of each prefill tile's sequence.
+  tile_lens: [nT] cached tokens of the tile's sequence after this step.
+  The decode region is tokens [0, Bd); tile t is tokens Bd + t*Q ... Bd + t*Q + Q - 1,
+  Q = (N - Bd) / nT. Token positions (one array [N]) give the causal mask;
+  padding tokens have position -1 and see nothing.
+  """
+
+  decode_tables: jax.Array
+  decode_lens: jax.Array
+  tile_tables: jax.Array
+  tile_lens: jax.Array
+
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
              slots: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -41,9 +76,9 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
 
   Args:
     k_pages, v_pages: [P, S, KVH, D] page pools of one layer.
-    k, v: [B, T, KVH, D] keys and values of the new tokens.
-    slots: [B, T] int32 flat slot per token, all in range. Padding tokens
-      point at a scratch page that no sequence owns: an out-of-range index with
+    k, v: [N, KVH, D] keys and values of the step's tokens.
+    slots: [N] int32 flat slot per token, all in range. Padding tokens point at
+      a scratch page that no sequence owns: an out-of-range index with
       mode="drop" would make XLA read the old value to select against it, and
       that read forces a copy of the whole pool before the in-place update.
       The scratch page is the pool's last page (the runner and
@@ -54,7 +89,7 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
   done in place.
   """
   num_pages, page_size, kv_heads, head_dim = k_pages.shape
-  flat = slots.reshape(-1)  # [B*T]
+  flat = slots.reshape(-1)  # [N]
 
   def scatter(pages, new):
     pages = pages.reshape(num_pages * page_size, kv_heads, head_dim)
@@ -79,34 +114,50 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
   return scatter(k_pages, k), scatter(v_pages, v)
 
 
-def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-           block_tables: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
-           *, impl: str = "xla") -> jax.Array:
-  """Causal grouped-query attention of new queries over their sequences' pages.
+def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
+           layout: StepLayout, *, impl: str = "xla", window: int | None = None,
+           softcap: float | None = None, scale: float | None = None) -> jax.Array:
+  """Causal grouped-query attention of a step's flat queries over their pages.
 
   Args:
-    q: [B, T, H, D] queries, RoPE applied, not yet scaled.
-    k_pages, v_pages: [P, S, KVH, D] page pools (the new tokens already written).
-    block_tables: [B, NB] int32 pages of each sequence, in order; entries past
-      a sequence's last page may hold any valid page index.
-    q_positions: [B, T] int32 absolute position of each query token.
-    kv_lens: [B] int32 number of valid cached tokens per sequence (including
-      the new ones).
+    q: [N, H, D] queries, RoPE applied, not yet scaled.
+    k_pages, v_pages: [P, S, KVH, D] page pools (the step's tokens already written).
+    positions: [N] int32 absolute position of each query (-1: padding).
+    layout: which tokens are decode rows and which prefill tiles (`StepLayout`).
     impl: which implementation to run (see the module docstring).
+    window: sliding window: a query at position p sees keys in (p - window, p].
+    softcap: logits become softcap * tanh(logits / softcap) (Gemma 2).
+    scale: logit scale (default head_dim ** -0.5).
 
-  Returns [B, T, H, D] attention outputs in q's dtype.
+  Returns [N, H, D] attention outputs in q's dtype.
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; known: {IMPLS}")
-  if impl == "auto":
-    impl = resolve_impl(impl)
-  decode = q.shape[1] == 1
-  if decode and impl in ("pallas_gpu", "pallas_gpu_interpret"):
-    return _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens,
-                              interpret=impl == "pallas_gpu_interpret")
-  if decode and k_pages.shape[2] <= _BLOCK_DIAGONAL_MAX_KV_HEADS:
-    return _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens)
-  return _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens)
+  impl = resolve_impl(impl)
+  n, num_heads, head_dim = q.shape
+  scale = head_dim ** -0.5 if scale is None else scale
+  num_decode = layout.decode_tables.shape[0]
+  num_tiles = layout.tile_tables.shape[0]
+  outs = []
+  if num_decode:
+    qd = q[:num_decode]
+    if impl in ("pallas_gpu", "pallas_gpu_interpret") and window is None and softcap is None:
+      out = _attend_pallas_gpu(qd[:, None], k_pages, v_pages, layout.decode_tables,
+                               layout.decode_lens, scale=scale,
+                               interpret=impl == "pallas_gpu_interpret")[:, 0]
+    else:
+      out = paged_attention(qd[:, None], k_pages, v_pages, layout.decode_tables,
+                            positions[:num_decode, None], layout.decode_lens,
+                            window=window, softcap=softcap, scale=scale)[:, 0]
+    outs.append(out)
+  if num_tiles:
+    tile = (n - num_decode) // num_tiles
+    qt = q[num_decode:].reshape(num_tiles, tile, num_heads, head_dim)
+    out = paged_attention(qt, k_pages, v_pages, layout.tile_tables,
+                          positions[num_decode:].reshape(num_tiles, tile), layout.tile_lens,
+                          window=window, softcap=softcap, scale=scale)
+    outs.append(out.reshape(num_tiles * tile, num_heads, head_dim))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -129,23 +180,37 @@ def pallas_gpu_available() -> bool:
   return True
 
 
-def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
+def _visible(kv_pos, q_pos, window):
+  """[..., Q, C] which keys each query sees: causal, and within the window."""
+  seen = kv_pos <= q_pos
+  if window is not None:
+    seen &= kv_pos > q_pos - window
+  return seen
+
+
+def _softcap(logits, softcap):
+  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
+def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, window=None,
+                softcap=None, scale=None):
+  """The reference: rows of T queries, each row over its whole block table at once.
+
+  q: [B, T, H, D]; block_tables: [B, NB]; q_positions: [B, T]; kv_lens: [B].
+  """
   batch, q_len, num_heads, head_dim = q.shape
   _, page_size, kv_heads, _ = k_pages.shape
   groups = num_heads // kv_heads
   ctx = block_tables.shape[1] * page_size
-
-  # Gather only the pages the batch uses: cost scales with the real context
-  # (rounded up to the block-table bucket), not with the pool.
   k = k_pages[block_tables].reshape(batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
   v = v_pages[block_tables].reshape(batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
   qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, KVH, G, D]
-
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 if scale is None else scale
   logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
                       preferred_element_type=jnp.float32) * scale  # [B, KVH, G, T, C]
+  logits = _softcap(logits, softcap)
   kv_pos = jnp.arange(ctx, dtype=jnp.int32)
-  visible = ((kv_pos[None, None, :] <= q_positions[:, :, None])
+  visible = (_visible(kv_pos[None, None, :], q_positions[:, :, None], window)
              & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [B, T, C]
   logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -153,51 +218,129 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-# The decode route of the XLA implementation ----------------------------------
+# The blocked XLA path ----------------------------------------------------------------
 
-# Above this many KV heads the block-diagonal trick below does too much extra
-# arithmetic (it multiplies by KV-heads-times as many zeros) and the reference
-# einsums run instead.
+# Up to this many KV heads, one-query rows use the block-diagonal form below;
+# above it, it does too much extra arithmetic (KV-heads-times as many zeros).
 _BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
-def _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
-  """The reference's math for one query per sequence, shaped for the CPU.
+def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
+                    window=None, softcap=None, scale=None, block_tokens=BLOCK_TOKENS):
+  """Rows of T queries over their pages, in blocks of pages with an online softmax.
 
-  The reference contracts [B, C, KVH, D] keys with per-(batch, kv head) matmuls,
-  so XLA transposes the gathered keys and values to put KVH next to B: on the
-  CPU those copies cost more than the attention itself (measured: 2 of 5 ms per
-  layer at batch 64, context 256). Here the gathered pages stay as they lie,
-  [B, C, KVH*D], and the queries become a block-diagonal [B, KVH*D, KVH*G]
-  matrix (head k's queries in rows k*D..k*D+D, zeros elsewhere): one batched
-  matmul gives every head's logits, and one more gives the outputs, whose
-  diagonal blocks are kept. KVH times the arithmetic of the reference, which a
-  decode step (memory-bound) does not notice for a few KV heads.
+  q: [R, T, H, D]; block_tables: [R, NB]; q_positions: [R, T] (-1: padding);
+  kv_lens: [R] (the loop runs to the longest). Same result as `_attend_xla`.
   """
-  batch, _, num_heads, head_dim = q.shape
+  rows, q_len, num_heads, head_dim = q.shape
   _, page_size, kv_heads, _ = k_pages.shape
   groups = num_heads // kv_heads
-  ctx = block_tables.shape[1] * page_size
+  scale = head_dim ** -0.5 if scale is None else scale
+  table_width = block_tables.shape[1]
+  block_pages = max(1, min(table_width, block_tokens // page_size))
+  if table_width % block_pages:
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, block_pages - table_width % block_pages)))
+  block = block_pages * page_size
+  diagonal = q_len == 1 and kv_heads <= _BLOCK_DIAGONAL_MAX_KV_HEADS
+  if diagonal:
+    body, state = _decode_block(q, scale, kv_heads, groups, head_dim)
+  else:
+    body, state = _tile_block(q, scale, kv_heads, groups, head_dim)
 
-  k = k_pages[block_tables].reshape(batch, ctx, kv_heads * head_dim)  # [B, C, KVH*D]
-  v = v_pages[block_tables].reshape(batch, ctx, kv_heads * head_dim)  # [B, C, KVH*D]
+  def run(j, carry):
+    tables = jax.lax.dynamic_slice_in_dim(block_tables, j * block_pages, block_pages, axis=1)
+    k = k_pages[tables].reshape(rows, block, kv_heads, head_dim)  # [R, C, KVH, D]
+    v = v_pages[tables].reshape(rows, block, kv_heads, head_dim)
+    kv_pos = j * block + jnp.arange(block, dtype=jnp.int32)  # [C]
+    visible = (_visible(kv_pos[None, None, :], q_positions[:, :, None], window)
+               & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [R, T, C]
+    return body(carry, k, v, visible, softcap)
+
+  num_blocks = block_tables.shape[1] // block_pages
+  if num_blocks == 1:
+    state = run(0, state)
+  else:
+    # As many blocks as the longest row needs: the trip count is data.
+    needed = jnp.clip((jnp.max(kv_lens) + block - 1) // block, 1, num_blocks)
+    state = jax.lax.fori_loop(0, needed, run, state)
+  m, l, acc = state
+  if diagonal:
+    # acc: [R, KVH*G, KVH*D]; keep each head's diagonal block.
+    out = (acc / l[:, :, None]).reshape(rows, kv_heads, groups, kv_heads, head_dim)
+    out = jnp.einsum("bkgld,kl->bkgd", out, jnp.eye(kv_heads, dtype=out.dtype))
+    return out.reshape(rows, 1, num_heads, head_dim).astype(q.dtype)
+  out = acc / l[..., None]  # [R, KVH, G, T, D]
+  return jnp.einsum("bkgtd->btkgd", out).reshape(rows, q_len, num_heads, head_dim
+                                                  ).astype(q.dtype)
+
+
+def _online_update(m, l, acc, logits, pv):
+  """One block of the online softmax: logits [..., C] -> new (m, l, acc)."""
+  m_new = jnp.maximum(m, logits.max(axis=-1))
+  correction = jnp.exp(m - m_new)
+  p = jnp.exp(logits - m_new[..., None])
+  return m_new, l * correction + p.sum(axis=-1), correction, p
+
+
+def _tile_block(q, scale, kv_heads, groups, head_dim):
+  rows, q_len = q.shape[:2]
+  qg = q.reshape(rows, q_len, kv_heads, groups, head_dim)  # [R, T, KVH, G, D]
+  state = (jnp.full((rows, kv_heads, groups, q_len), _MASK_VALUE, jnp.float32),
+           jnp.zeros((rows, kv_heads, groups, q_len), jnp.float32),
+           jnp.zeros((rows, kv_heads, groups, q_len, head_dim), jnp.float32))
+
+  def body(carry, k, v, visible, softcap):
+    m, l, acc = carry
+    logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
+                        preferred_element_type=jnp.float32) * scale  # [R, KVH, G, T, C]
+    logits = _softcap(logits, softcap)
+    logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
+    m, l, correction, p = _online_update(m, l, acc, logits, None)
+    acc = acc * correction[..., None] + jnp.einsum(
+        "bkgtc,bckd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m, l, acc
+
+  return body, state
+
+
+def _decode_block(q, scale, kv_heads, groups, head_dim):
+  """One query per row, shaped for the CPU.
+
+  The general form contracts [R, C, KVH, D] keys with per-(row, kv head) matmuls,
+  so XLA transposes the gathered keys and values to put KVH next to R: on the
+  CPU those copies cost more than the attention itself (measured: 2 of 5 ms per
+  layer at batch 64, context 256). Here the gathered pages stay as they lie,
+  [R, C, KVH*D], and the queries become a block-diagonal [R, KVH*D, KVH*G]
+  matrix (head k's queries in rows k*D..k*D+D, zeros elsewhere): one batched
+  matmul gives every head's logits, and one more gives the outputs, whose
+  diagonal blocks are kept at the end. KVH times the arithmetic, which a decode
+  step (memory-bound) does not notice for a few KV heads.
+  """
+  rows = q.shape[0]
   eye = jnp.eye(kv_heads, dtype=q.dtype)
-  qg = q.reshape(batch, kv_heads, groups, head_dim)  # [B, KVH, G, D]
+  qg = q.reshape(rows, kv_heads, groups, head_dim)  # [R, KVH, G, D]
   q_block = jnp.einsum("bkgd,kj->bkdjg", qg, eye).reshape(
-      batch, kv_heads * head_dim, kv_heads * groups)  # [B, KVH*D, KVH*G]
+      rows, kv_heads * head_dim, kv_heads * groups)  # [R, KVH*D, KVH*G]
+  width = kv_heads * groups
+  state = (jnp.full((rows, width), _MASK_VALUE, jnp.float32),
+           jnp.zeros((rows, width), jnp.float32),
+           jnp.zeros((rows, width, kv_heads * head_dim), jnp.float32))
 
-  scale = head_dim ** -0.5
-  logits = jnp.einsum("bcx,bxj->bcj", k, q_block,
-                      preferred_element_type=jnp.float32) * scale  # [B, C, KVH*G]
-  kv_pos = jnp.arange(ctx, dtype=jnp.int32)
-  visible = ((kv_pos[None, :] <= q_positions[:, :1])
-             & (kv_pos[None, :] < kv_lens[:, None]))  # [B, C]
-  logits = jnp.where(visible[:, :, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)  # [B, C, KVH*G]
-  out = jnp.einsum("bcj,bcx->bjx", probs, v).reshape(
-      batch, kv_heads, groups, kv_heads, head_dim)  # [B, KVH, G, KVH', D]
-  out = jnp.einsum("bkgld,kl->bkgd", out, eye)  # [B, KVH, G, D]: the diagonal blocks
-  return out.reshape(batch, 1, num_heads, head_dim)
+  def body(carry, k, v, visible, softcap):
+    m, l, acc = carry
+    block = k.shape[1]
+    k = k.reshape(rows, block, kv_heads * head_dim)  # [R, C, KVH*D]
+    v = v.reshape(rows, block, kv_heads * head_dim)
+    logits = jnp.einsum("bcx,bxj->bjc", k, q_block,
+                        preferred_element_type=jnp.float32) * scale  # [R, KVH*G, C]
+    logits = _softcap(logits, softcap)
+    logits = jnp.where(visible[:, 0, None, :], logits, _MASK_VALUE)
+    m, l, correction, p = _online_update(m, l, acc, logits, None)
+    acc = acc * correction[..., None] + jnp.einsum(
+        "bjc,bcx->bjx", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m, l, acc
+
+  return body, state
 
 
 # The Pallas GPU kernel ------------------------------------------------------------
@@ -217,6 +360,7 @@ def _largest_power_of_two_divisor(n: int, limit: int) -> int:
 
 
 def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret: bool,
+                       scale: float | None = None,
                        k_splits: int | None = None, pages_per_compute_block: int = 8,
                        num_warps: int = 4, num_stages: int = 2):
   """Decode attention through the kernel body of JAX's Pallas paged attention
@@ -250,7 +394,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   padded_groups = -(-groups // block_h) * block_h
   head_splits = padded_groups // block_h
 
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 if scale is None else scale
   qg = (q.reshape(batch, kv_heads, groups, head_dim).astype(jnp.float32) * scale
         ).astype(q.dtype)  # [B, KVH, G, D]
   if padded_groups != groups:

@@ -13,7 +13,7 @@ Attribute names equal the canonical parameter tree of `model/params.py`, so
 separate arrays: the Python loop over layers unrolls at trace time and reads each
 weight where it lies, with no per-layer slicing of a stacked array.
 
-Dimension names in shape comments: B batch, T new tokens per sequence, D hidden,
+Dimension names in shape comments: N tokens of the step, R rows sampled, D hidden,
 H query heads, K kv heads, G queries per kv head, Dh head dim, F MLP width,
 V vocabulary, P pages, S page size, NB pages per sequence.
 """
@@ -60,11 +60,11 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotate-half RoPE (the Hugging Face convention). x: [B, T, N, Dh]."""
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, Dh/2] each
+  """Rotate-half RoPE (the Hugging Face convention). x: [..., H, Dh], positions [...]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [..., Dh/2]
+  cos = jnp.cos(angles)[..., None, :]  # [..., 1, Dh/2]
+  sin = jnp.sin(angles)[..., None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [..., H, Dh/2] each
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
@@ -92,23 +92,23 @@ class Block(nnx.Module):
     for name, shape in params_lib.layer_shapes(config).items():
       setattr(self, name, nnx.Param(_init(shape, name, config.weight_dtype, rngs)))
 
-  def __call__(self, x, positions, inv_freq, kv, slots, block_tables, kv_lens,
-               attention_impl):
+  def __call__(self, x, positions, inv_freq, kv, slots, layout, attention_impl):
+    """x: [N, D] the step's tokens; positions, slots: [N]; layout: attention.StepLayout."""
     cfg = self.config
     dtype = cfg.dtype
-    batch, q_len, _ = x.shape
+    n = x.shape[0]
 
-    h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)  # [B, T, D]
-    q = jnp.einsum("btd,dn->btn", h, self.q[...].astype(dtype))
-    k = jnp.einsum("btd,dn->btn", h, self.k[...].astype(dtype))
-    v = jnp.einsum("btd,dn->btn", h, self.v[...].astype(dtype))
+    h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)  # [N, D]
+    q = jnp.einsum("nd,dh->nh", h, self.q[...].astype(dtype))
+    k = jnp.einsum("nd,dh->nh", h, self.k[...].astype(dtype))
+    v = jnp.einsum("nd,dh->nh", h, self.v[...].astype(dtype))
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dtype)
       k = k + self.k_bias[...].astype(dtype)
       v = v + self.v_bias[...].astype(dtype)
-    q = q.reshape(batch, q_len, cfg.num_heads, cfg.head_dim)  # [B, T, H, Dh]
-    k = k.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, Dh]
-    v = v.reshape(batch, q_len, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, Dh]
+    q = q.reshape(n, cfg.num_heads, cfg.head_dim)  # [N, H, Dh]
+    k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
+    v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
 
@@ -118,21 +118,20 @@ class Block(nnx.Module):
     # pool split by KV head) and gather them back whole for the output.
     k_pages = sharding_lib.constrain(k_pages, sharding_lib.KV_AXES)
     v_pages = sharding_lib.constrain(v_pages, sharding_lib.KV_AXES)
-    attn = attention.attend(q, k_pages, v_pages, block_tables, positions, kv_lens,
-                            impl=attention_impl)  # [B, T, H, Dh]
-    attn = attn.reshape(batch, q_len, cfg.num_heads * cfg.head_dim)
-    x = x + jnp.einsum("btn,nd->btd", attn, self.o[...].astype(dtype))
+    attn = attention.attend(q, k_pages, v_pages, positions, layout,
+                            impl=attention_impl)  # [N, H, Dh]
+    attn = attn.reshape(n, cfg.num_heads * cfg.head_dim)
+    x = x + jnp.einsum("nh,hd->nd", attn, self.o[...].astype(dtype))
 
     h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, self.gate[...].astype(dtype))
-    up = jnp.einsum("btd,df->btf", h, self.up[...].astype(dtype))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
-                       self.down[...].astype(dtype))
+    gate = jnp.einsum("nd,df->nf", h, self.gate[...].astype(dtype))
+    up = jnp.einsum("nd,df->nf", h, self.up[...].astype(dtype))
+    x = x + jnp.einsum("nf,fd->nd", jax.nn.silu(gate) * up, self.down[...].astype(dtype))
     return x, (k_pages, v_pages)
 
 
 class Transformer(nnx.Module):
-  """The decoder. Call it on a batch of new tokens and the KV page pools."""
+  """The decoder. Call it on one step's flat batch of tokens and the KV page pools."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
                attention_impl: str = "auto"):
@@ -149,33 +148,33 @@ class Transformer(nnx.Module):
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages,
-               slots: jax.Array, block_tables: jax.Array, kv_lens: jax.Array,
+               slots: jax.Array, layout: attention.StepLayout,
                logits_indices: jax.Array | None = None,
                ) -> tuple[jax.Array, KVPages]:
-    """Runs new tokens through the network, writing their K/V into the pages.
+    """Runs a step's tokens through the network, writing their K/V into the pages.
 
     Args:
-      tokens: [B, T] int32 token ids (padding: any id).
-      positions: [B, T] int32 absolute positions.
+      tokens: [N] int32 token ids: the decode rows, then the prefill tiles
+        (see `attention.StepLayout`; padding: any id).
+      positions: [N] int32 absolute positions (-1 for padding).
       kv: the page pools, one (K, V) pair per layer.
-      slots: [B, T] int32 flat cache slot per token (a scratch slot for padding).
-      block_tables: [B, NB] int32 pages of each sequence.
-      kv_lens: [B] int32 cached tokens per sequence after this step.
-      logits_indices: [B] int32 which token of each row to compute logits for
-        (the last real one), or None for logits at every position.
+      slots: [N] int32 flat cache slot per token (a scratch slot for padding).
+      layout: the step's regions and their block tables.
+      logits_indices: [R] int32 which tokens to compute logits for, or None for
+        logits at every token.
 
-    Returns (float32 logits [B, V] or [B, T, V], updated page pools).
+    Returns (float32 logits [R, V] or [N, V], updated page pools).
     """
     cfg = self.config
-    x = self.embed[...][tokens].astype(cfg.dtype)  # [B, T, D]
+    x = self.embed[...][tokens].astype(cfg.dtype)  # [N, D]
     inv_freq = self.inv_freq[...]
     new_kv = []
     for layer, layer_kv in zip(self.layers, kv):
-      x, layer_kv = layer(x, positions, inv_freq, layer_kv, slots, block_tables,
-                          kv_lens, self.attention_impl)
+      x, layer_kv = layer(x, positions, inv_freq, layer_kv, slots, layout,
+                          self.attention_impl)
       new_kv.append(layer_kv)
     if logits_indices is not None:
-      x = x[jnp.arange(x.shape[0]), logits_indices]  # [B, D]
+      x = x[logits_indices]  # [R, D]
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
       logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(cfg.dtype),
@@ -235,10 +234,12 @@ def init_kv_pages(config: ModelConfig, num_pages: int, page_size: int,
   return tuple((make(), make()) for _ in range(config.num_layers))
 
 
-def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict[str, np.ndarray]:
-  """Inputs for a whole-prompt forward where sequence b owns pages laid out
+def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict:
+  """Inputs for a whole-prompt forward of several sequences at once, each one
+  prefill tile of max(lengths) tokens, where sequence b owns pages laid out
   contiguously (b * NB ... b * NB + NB - 1), plus one scratch page last for the
-  padding tokens: used by tests and single-shot scoring."""
+  padding tokens: used by tests and single-shot scoring. Token b * T + t of the
+  flat batch is sequence b's token t."""
   batch, max_len = len(lengths), max(lengths)
   pages_per_seq = -(-max_len // page_size)
   positions = np.tile(np.arange(max_len, dtype=np.int32), (batch, 1))
@@ -249,5 +250,9 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict[str, np.nd
   scratch = batch * pages_per_seq
   for b, n in enumerate(lengths):
     slots[b, n:] = scratch * page_size
-  return dict(positions=positions, slots=slots, block_tables=block_tables,
-              kv_lens=np.asarray(lengths, np.int32), num_pages=np.int32(scratch + 1))
+    positions[b, n:] = -1
+  layout = attention.StepLayout(
+      np.zeros((0, pages_per_seq), np.int32), np.zeros((0,), np.int32), block_tables,
+      np.asarray(lengths, np.int32))
+  return dict(positions=positions.reshape(-1), slots=slots.reshape(-1), layout=layout,
+              num_pages=scratch + 1)

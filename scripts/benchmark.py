@@ -269,11 +269,11 @@ def time_runner_steps(b: Bench, batch: int, context: int) -> dict:
           for i in range(batch)]
   runner = b.engine.runner
   for _ in range(FLAGS.warmup):
-    jax.block_until_ready(runner.step(rows))
+    jax.block_until_ready(runner.run_rows(rows))
   times = []
   for _ in range(FLAGS.steps):
     t0 = time.perf_counter()
-    jax.block_until_ready(runner.step(rows))
+    jax.block_until_ready(runner.run_rows(rows))
     times.append(time.perf_counter() - t0)
   out = summarize(times)
   # Back to back, waiting only at the end: the host dispatches step i+1 while
@@ -282,12 +282,12 @@ def time_runner_steps(b: Bench, batch: int, context: int) -> dict:
   for _ in range(3):
     t0 = time.perf_counter()
     for _ in range(FLAGS.steps):
-      logits = runner.step(rows)
+      logits = runner.run_rows(rows)
     jax.block_until_ready(logits)
     piped.append((time.perf_counter() - t0) / FLAGS.steps)
   out["pipelined"] = summarize(piped)
   if FLAGS.profile:
-    out["profile"] = trace_ops(lambda: jax.block_until_ready(runner.step(rows)),
+    out["profile"] = trace_ops(lambda: jax.block_until_ready(runner.run_rows(rows)),
                                f"decode B={batch} ctx={context}")
   return out
 
@@ -525,7 +525,7 @@ def run_prefill(b: Bench) -> None:
     m = min(chunk, n - start)
     steps.append([Row(tokens[start:start + m], start, list(range(-(-(start + m) // page))))])
   runner = b.engine.runner
-  run = lambda: [jax.block_until_ready(runner.step(rows)) for rows in steps]
+  run = lambda: [jax.block_until_ready(runner.run_rows(rows)) for rows in steps]
   for _ in range(FLAGS.warmup):
     run()
   times = []
@@ -557,7 +557,7 @@ def run_prefill(b: Bench) -> None:
     prompts = random_prompts(rows_n, t, b.model_config.vocab_size)
     rows = [Row(p, 0, list(range(i * per_seq, (i + 1) * per_seq)))
             for i, p in enumerate(prompts)]
-    one = lambda: jax.block_until_ready(runner.step(rows))
+    one = lambda: jax.block_until_ready(runner.run_rows(rows))
     one()  # compiles
     ts = []
     for _ in range(3):

@@ -30,36 +30,83 @@ def _inputs(batch, kv_heads, groups, head_dim, page_size, pages_per_seq, seed=0,
 
 
 @pytest.mark.parametrize("batch,kv_heads,groups,head_dim,page_size,pages", [
-    (3, 2, 2, 16, 8, 4), (2, 3, 3, 64, 16, 3), (1, 1, 4, 32, 4, 5)])
+    (3, 2, 2, 16, 8, 4), (2, 3, 3, 64, 16, 3), (1, 1, 4, 32, 4, 5), (2, 8, 1, 8, 4, 6)])
 def test_decode_routes_match_reference(batch, kv_heads, groups, head_dim, page_size, pages):
   args = _inputs(batch, kv_heads, groups, head_dim, page_size, pages)
   ref = attention._attend_xla(*args)
-  dec = attention._attend_xla_decode(*args)
-  np.testing.assert_allclose(dec, ref, rtol=1e-5, atol=1e-5)
-  pallas = attention.attend(*args, impl="pallas_gpu_interpret")
+  # One block, and several blocks walked by the loop (8-token blocks).
+  for block in (attention.BLOCK_TOKENS, 8):
+    got = attention.paged_attention(*args, block_tokens=block)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  pallas = attention._attend_pallas_gpu(args[0], args[1], args[2], args[3], args[5],
+                                        interpret=True)
   np.testing.assert_allclose(pallas, ref, rtol=1e-5, atol=1e-5)
-  # The public entry point takes the decode route for one query per sequence.
-  np.testing.assert_allclose(attention.attend(*args, impl="xla"), dec, rtol=0, atol=0)
 
 
-def test_padding_rows_and_prefill_fall_back():
-  q, kp, vp, tables, pos, lens = _inputs(2, 2, 2, 16, 8, 2)
-  lens = lens.at[1].set(0)  # a padding row: nothing visible, output finite
-  out = attention.attend(q, kp, vp, tables, pos.at[1].set(0), lens, impl="pallas_gpu_interpret")
-  assert bool(jnp.all(jnp.isfinite(out)))
-  # Several queries per sequence (prefill): every impl runs the reference.
-  q2 = jnp.concatenate([q, q], axis=1)
-  pos2 = jnp.concatenate([pos - 1, pos], axis=1)
-  ref = attention._attend_xla(q2, kp, vp, tables, pos2, lens)
-  for impl in ("xla", "pallas_gpu_interpret"):
-    np.testing.assert_array_equal(attention.attend(q2, kp, vp, tables, pos2, lens, impl=impl),
-                                  ref)
+def _step_inputs(seed=0, page_size=4, tile=4):
+  """A step of two decode rows and two prefill chunks (one over a cached prefix)."""
+  rng = np.random.default_rng(seed)
+  kv_heads, groups, head_dim, pages = 2, 2, 8, 25
+  shape = (pages, page_size, kv_heads, head_dim)
+  k_pages = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  v_pages = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  width = 6
+  tables = rng.permutation(pages - 1)[:4 * width].reshape(4, width).astype(np.int32)
+  # decode rows at positions 9 and 17; chunk A: 6 tokens at 0..5; chunk B: 3 at 12..14
+  dec_pos = np.array([9, 17], np.int32)
+  chunks = [(0, 6, 2), (12, 3, 3)]  # (start, length, table row)
+  positions = list(dec_pos)
+  tile_tables, tile_lens = [], []
+  for start, n, row in chunks:
+    for t0 in range(0, n, tile):
+      m = min(tile, n - t0)
+      positions += list(range(start + t0, start + t0 + m)) + [-1] * (tile - m)
+      tile_tables.append(tables[row])
+      tile_lens.append(start + t0 + m)
+  positions = np.asarray(positions, np.int32)
+  q = jnp.asarray(rng.standard_normal((len(positions), kv_heads * groups, head_dim)),
+                  jnp.float32)
+  layout = attention.StepLayout(jnp.asarray(tables[:2]), jnp.asarray(dec_pos + 1),
+                                jnp.asarray(np.stack(tile_tables)),
+                                jnp.asarray(tile_lens, np.int32))
+  return q, k_pages, v_pages, jnp.asarray(positions), layout, tables, chunks, dec_pos
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 2.0)])
+def test_step_regions_match_reference(window, softcap):
+  q, kp, vp, positions, layout, tables, chunks, dec_pos = _step_inputs()
+  out = np.asarray(attention.attend(q, kp, vp, positions, layout, window=window,
+                                    softcap=softcap))
+  kw = dict(window=window, softcap=softcap)
+  for i, p in enumerate(dec_pos):  # decode rows: one query over their own pages
+    ref = attention._attend_xla(q[i][None, None], kp, vp, jnp.asarray(tables[i:i + 1]),
+                                jnp.asarray([[p]]), jnp.asarray([p + 1]), **kw)
+    np.testing.assert_allclose(out[i], ref[0, 0], rtol=1e-5, atol=1e-5)
+  at = 2
+  for start, n, row in chunks:  # each chunk's real tokens, whatever its tiles
+    tiles = -(-n // 4)
+    idx = [at + t * 4 + j for t in range(tiles) for j in range(4)][:n]
+    ref = attention._attend_xla(q[np.asarray(idx)][None], kp, vp,
+                                jnp.asarray(tables[row:row + 1]),
+                                jnp.arange(start, start + n, dtype=jnp.int32)[None],
+                                jnp.asarray([start + n]), **kw)
+    np.testing.assert_allclose(out[np.asarray(idx)], ref[0], rtol=1e-5, atol=1e-5)
+    at += tiles * 4
+  assert np.all(np.isfinite(out))  # padding queries see nothing and stay finite
+
+
+def test_pallas_decode_rows_match_xla():
+  q, kp, vp, positions, layout, *_ = _step_inputs(seed=1)
+  ref = attention.attend(q, kp, vp, positions, layout, impl="xla")
+  got = attention.attend(q, kp, vp, positions, layout, impl="pallas_gpu_interpret")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_is_xla_on_cpu_and_unknown_impl_fails():
   assert attention.resolve_impl("auto") == "xla"
+  q, kp, vp, positions, layout, *_ = _step_inputs()
   with pytest.raises(ValueError, match="unknown attention impl"):
-    attention.attend(*_inputs(1, 1, 1, 8, 4, 1), impl="cuda")
+    attention.attend(q, kp, vp, positions, layout, impl="cuda")
 
 
 def test_engine_greedy_tokens_same_with_pallas_kernel():

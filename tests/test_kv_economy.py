@@ -132,10 +132,15 @@ def test_metrics_match_a_known_workload(model):
   snap = engine.metrics.snapshot()
   assert snap["prompt_tokens"] == 28
   assert snap["generation_tokens"] == 15
-  assert snap["steps"]["prefill"]["tokens"] == 28  # nothing cached yet
-  assert snap["steps"]["decode"]["tokens"] == 12  # 4 decode steps per request
-  # All three prompts prefill in one step, then decode together at batch 3.
-  assert snap["decode_batch_size"]["max"] == 3 and snap["decode_batch_size"]["count"] == 4
+  computed = lambda kind: engine.metrics.registry.get_sample_value(  # noqa: E731
+      "ridgeline_computed_tokens_total", {"kind": kind})
+  assert computed("prefill") == 28  # nothing cached yet
+  assert computed("decode") == 12  # 4 decode rows per request
+  # Two prompts fill the first step's 32-token prefill budget (16-token tiles);
+  # the third prefills in the next step beside their decode rows, then all
+  # three decode together.
+  assert snap["steps"]["prefill"]["tokens"] == 8 and snap["steps"]["mixed"]["tokens"] == 22
+  assert snap["decode_batch_size"]["max"] == 3 and snap["decode_batch_size"]["count"] == 5
   assert snap["ttft_s"]["count"] == 3 and snap["tpot_s"]["count"] == 3
   assert snap["requests_running"] == 0 and snap["kv_cache_utilization"] == 0
   assert snap["ridge_point"] == pytest.approx(engine.planner.ridge)

@@ -56,9 +56,9 @@ def test_logits_match_transformers(case, tmp_path):
   page_size = 8
   inputs = transformer_lib.contiguous_inputs([PROMPT_LEN, PROMPT_LEN], page_size)
   kv = transformer_lib.init_kv_pages(config, int(inputs["num_pages"]), page_size)
-  logits, _ = model(jnp.asarray(tokens), jnp.asarray(inputs["positions"]), kv,
-                    jnp.asarray(inputs["slots"]), jnp.asarray(inputs["block_tables"]),
-                    jnp.asarray(inputs["kv_lens"]))
+  logits, _ = model(jnp.asarray(tokens.reshape(-1), jnp.int32), jnp.asarray(inputs["positions"]),
+                    kv, jnp.asarray(inputs["slots"]), inputs["layout"])
+  logits = np.asarray(logits).reshape(tokens.shape[0], PROMPT_LEN, -1)
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
   rel = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()

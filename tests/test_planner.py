@@ -64,11 +64,11 @@ def test_prefill_budget_reaches_the_ridge_for_llama8b_on_h100():
 def test_long_context_decode_is_memory_bound():
   planner = Planner(LLAMA8B, EngineConfig(max_model_len=131072, max_batch=256), H100)
   # 256 sequences of 32k tokens: the KV reads dwarf the weights; no batch reaches the ridge.
-  cost = planner.cost("decode", [(32768, 1)] * 256)
+  cost = planner.cost([(32768, 1)] * 256)
   assert cost.kv_read_bytes > 10 * cost.weight_bytes
   assert cost.intensity < planner.ridge / 10
   # Short contexts at the same batch are far closer to the ridge.
-  assert planner.cost("decode", [(128, 1)] * 256).intensity > 20 * cost.intensity
+  assert planner.cost([(128, 1)] * 256).intensity > 20 * cost.intensity
 
 
 def test_latency_bound_caps_batch_and_budget():
