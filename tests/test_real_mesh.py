@@ -10,6 +10,7 @@ So each load runs in a child process under a time limit, and a child that dies o
 overruns fails the test with its mesh, source and the tail of its stderr.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -24,14 +25,17 @@ MESHES = ["data=1,model=8", "data=2,model=4"]
 NEW_TOKENS = 16
 ENGINE = dict(page_size=16, num_pages=32, max_model_len=128, max_batch=4, prefill_chunk=64,
               max_prefill_batch=4)
-# One child: start-up, load, compile and 16 greedy tokens for 3 prompts took 40-80 s
-# on the shared 2-core machine; a deadlocked child aborts after ~60 s of waiting in
-# XLA's rendezvous, or runs into this limit.
+# One child (start-up, load, compile, 16 greedy tokens for 3 prompts) took 38-79 s
+# wall on the shared 2-core machine at load average 13; the four together ~2 min of
+# CPU. A deadlocked child aborts after ~60 s of waiting in XLA's rendezvous (CPU), or
+# runs into this limit (GPU).
 CHILD_TIMEOUT_S = 420
 
 
-def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache: str) -> dict:
+def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache: str,
+           peaks: dict) -> dict:
   """In the child: load `source` onto `mesh_text`, generate greedily, report."""
+  from engine import roofline
   from engine.engine import Engine, EngineConfig, SamplingParams
   from engine.runner import enable_compilation_cache
   from model import loading
@@ -53,7 +57,8 @@ def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache:
   per_device = {d.id: sum(s.data.nbytes for a in flat.values() for s in a.addressable_shards
                           if s.device == d) for d in devices}
   report = sharding.memory_report(model.config, mesh)
-  engine = Engine(model, tokenizer, EngineConfig(**ENGINE), mesh=mesh)  # its EOS ends answers
+  engine = Engine(model, tokenizer, EngineConfig(**ENGINE), mesh=mesh,
+                  peaks=roofline.DevicePeaks(**peaks))  # its EOS ends answers
   outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
   return {
       "tokens": [o.token_ids for o in outs],
@@ -67,9 +72,13 @@ def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache:
 
 def _run_child(source: str, mesh_text: str, prompts: list[list[int]], tmp_path,
                compile_cache) -> dict:
+  from engine import roofline
+  # The parent's measured CPU peaks (memoized per process), so the children do not
+  # each calibrate, and plan -- and compile -- the same steps.
+  peaks = dataclasses.asdict(roofline.device_peaks())
   args = tmp_path / "args.json"
   args.write_text(json.dumps({"source": source, "mesh": mesh_text, "prompts": prompts,
-                              "compile_cache": str(compile_cache)}))
+                              "compile_cache": str(compile_cache), "peaks": peaks}))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   what = f"loading {source} onto mesh {mesh_text} and generating"
@@ -126,5 +135,6 @@ def test_real_model_on_8_devices_matches_transformers(source, mesh, parity, tmp_
 
 if __name__ == "__main__":  # the child process
   spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
-  result = _child(spec["source"], spec["mesh"], spec["prompts"], spec["compile_cache"])
+  result = _child(spec["source"], spec["mesh"], spec["prompts"], spec["compile_cache"],
+                  spec["peaks"])
   print("RESULT " + json.dumps(result), flush=True)
