@@ -32,15 +32,16 @@ first): that is one multi-device program with an all-reduce per tensor, and
 dispatching a few hundred of them back to back deadlocks XLA:CPU (issue 16).
 Its client runs every device's part of a multi-device program on one thread
 pool of max(cores, devices) threads -- 8 for 8 fake devices on a 2-core host --
-and launching a program on a device blocks a pool thread once that device has
-32 programs in flight. With the real model's 273 tensors on an 8-device mesh,
-7 threads sat in an all-reduce rendezvous waiting for device 7's part, and the
-8th was blocked launching device 7's next program, so device 7's part never got
-a thread (gdb: 7 threads in AllReduceThunk, 1 in Semaphore::ScopedAcquire).
-Tiny models (~20 small tensors) never fill the in-flight window, and meshes of
-at most 4 devices leave threads free. Single-device programs have no rendezvous
-to wait in, so they cannot starve each other, and there is no launch order
-that devices have to agree on.
+and launching a program on a device blocks a pool thread while that device has
+its maximum of programs in flight (a semaphore). With the real model's 272
+tensors on an 8-device mesh, devices 0-6 sat in an all-reduce rendezvous waiting
+for device 7's part, and the last free thread was blocked launching device 7's
+next program, so device 7's part never got a thread (gdb on a 300-sum
+reproducer: 7 pool threads in AllReduceThunk, 1 in Semaphore::ScopedAcquire).
+Tiny models (21 tensors of at most 32K elements) never fill the in-flight window,
+and meshes of at most 4 devices leave threads free. Single-device programs have
+no rendezvous to wait in, so they cannot starve each other, and there is no
+launch order that devices have to agree on.
 """
 
 from __future__ import annotations
