@@ -5,7 +5,8 @@ it generates transformers' greedy tokens.
 Loading the checkpoint onto these meshes once deadlocked XLA:CPU (the per-tensor
 digests were hundreds of multi-device all-reduce programs in flight; see
 model/checkpoint.py), which tiny random models never showed. A deadlock does not
-raise: XLA aborts the process after ~60 s on CPUs and would wait forever on GPUs.
+raise: XLA:CPU aborts the process after ~60 s, and a backend without such a timeout
+would wait forever.
 So each load runs in a child process under a time limit, and a child that dies or
 overruns fails the test with its mesh, source and the tail of its stderr.
 """
