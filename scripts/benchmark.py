@@ -51,11 +51,13 @@ flags.DEFINE_integer("engine_tokens_limit", D.engine_tokens_limit,
 flags.DEFINE_enum("compare", "none", ["none", "hf"], "Peer to run side by side.")
 flags.DEFINE_list("compare_batches", _list(D.compare_batches),
                   "decode: batch sizes compared with the peer.")
-flags.DEFINE_integer("compare_prompt_len", D.compare_prompt_len, "decode comparison: prompt tokens.")
+flags.DEFINE_integer("compare_prompt_len", D.compare_prompt_len,
+                     "decode comparison: prompt tokens.")
 flags.DEFINE_integer("new_tokens", D.new_tokens, "decode comparison: tokens generated per request.")
 flags.DEFINE_integer("threads", os.cpu_count(), "torch threads for the peer (XLA's CPU "
                      "client uses every core).")
-flags.DEFINE_list("workloads", _list(D.workloads), "throughput: IN:OUT token lengths, or 'sharegpt'.")
+flags.DEFINE_list("workloads", _list(D.workloads),
+                  "throughput: IN:OUT token lengths, or 'sharegpt'.")
 flags.DEFINE_integer("num_requests", D.num_requests, "throughput/latency: requests per run.")
 flags.DEFINE_integer("warmup_requests", D.warmup_requests,
                      "throughput: requests in the warm-up run (default: --max_batch).")
@@ -162,10 +164,14 @@ def main(argv):
   load_s = time.perf_counter() - t0
   if FLAGS.compare == "hf":
     peer = peer_lib.HFPeer(path, FLAGS.threads, FLAGS.repeats)
-  modes_lib.run(modes, opts, model, tokenizer, flags_common.engine_config(),
-                output=FLAGS.output, plot=FLAGS.plot, peer=peer, attention=FLAGS.attention,
-                load_seconds=load_s, label=FLAGS.label,
-                command=" ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+  try:
+    modes_lib.run(modes, opts, model, tokenizer, flags_common.engine_config(),
+                  output=FLAGS.output, plot=FLAGS.plot, peer=peer, attention=FLAGS.attention,
+                  load_seconds=load_s, label=FLAGS.label,
+                  command=" ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+  finally:
+    if peer is not None:
+      peer.close()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ class HFPeer:
     self.threads = threads
     self.repeats = repeats
 
+  def close(self) -> None:
+    """Ends the worker (it returns when its end of the pipe closes)."""
+    self._conn.close()
+    self._proc.join(timeout=30)
+    if self._proc.is_alive():
+      self._proc.kill()
+
   def _call(self, name, *args):
     self._conn.send((name, args))
     ok, value = self._conn.recv()

@@ -96,23 +96,30 @@ def caption(results: dict) -> list[str]:
     if len(pts) > 1:
       text += (f" Closest to its roof: B={best[1]} ({100 * best[0]:.0f}%); furthest: "
                f"B={worst[1]} ({100 * worst[0]:.0f}%).")
+    if best[0] > 1.05:
+      load = results.get("machine", {}).get("load_average_before")
+      text += (" A point above 100% of its roof means the roof was measured too low: the "
+               "calibration got less of the machine than the step did"
+               + (f" (load average {load[0]:.1f} before the run)" if load else "") + ".")
     if crossing and len(crossing) < len(pts):
       text += (f" From B={crossing[0]} the step is past the ridge: a larger batch no longer "
                f"raises its roof, only its share of it.")
     piped = [p for p in pts if "pipelined" in p
              and p["pipelined"]["tokens_per_second"] > 1.15 * p["tokens_per_second"]]
     if piped:
+      share = lambda d, i: 100 * _of_roof(d["flops_per_second"], i, peak, bw)
       text += (" Steps issued back to back (crosses: the device's time per step, the "
                "host's dispatch overlapped) are faster: " + ", ".join(
                    f"B={p['batch']} {_num(p['pipelined']['tokens_per_second'])} tok/s = "
-                   f"{100 * _of_roof(p['pipelined']['flops_per_second'], p['intensity'], peak, bw):.0f}%"
+                   f"{share(p['pipelined'], p['intensity']):.0f}%"
                    for p in piped) + " of the roof; the difference is host time per step "
                "(dispatch, inputs) that a step waited on alone pays.")
     eng = [p for p in pts if "engine" in p]
     if eng:
       text += (" Whole engine steps (squares: scheduler, sampler and host work included) "
                "against the step alone: " + ", ".join(
-                   f"B={p['batch']} {p['engine']['tokens_per_second'] / p['tokens_per_second']:.2f}x"
+                   f"B={p['batch']} "
+                   f"{p['engine']['tokens_per_second'] / p['tokens_per_second']:.2f}x"
                    for p in eng) + ".")
     out.append(text)
   compare = results.get("compare_decode", [])
@@ -121,7 +128,8 @@ def caption(results: dict) -> list[str]:
     roof = lambda c, who: 100 * c[who]["tokens_per_second"] / c["peak_roofline_tokens_per_second"]
     out.append(f"Side by side through whole generate calls (same weights, {c0['prompt_len']}-token "
                f"prompts, {c0['new_tokens']} new tokens, greedy; per-token decode time): "
-               + "; ".join(f"B={c['batch']}: transformers (red) {_num(c['hf']['tokens_per_second'])} "
+               + "; ".join(f"B={c['batch']}: transformers (red) "
+                           f"{_num(c['hf']['tokens_per_second'])} "
                            f"tok/s = {roof(c, 'hf'):.0f}% of the roof, ours (green) "
                            f"{_num(c['ours']['tokens_per_second'])} = {roof(c, 'ours'):.0f}%, "
                            f"{c['ratio']:.2f}x" for c in compare) + ".")
@@ -129,7 +137,8 @@ def caption(results: dict) -> list[str]:
   if pf:
     cost = roofline.prefill_cost(cfg, _prefill_chunks(pf, results))
     frac = _of_roof(pf["flops_per_second"], cost.intensity, peak, bw)
-    text = (f"Prefill of {pf['tokens']} tokens (diamond): {fmt_flops(pf['flops_per_second'], peak)}, "
+    text = (f"Prefill of {pf['tokens']} tokens (diamond): "
+            f"{fmt_flops(pf['flops_per_second'], peak)}, "
             f"{_num(pf['tokens_per_second'])} tok/s = {100 * frac:.0f}% of its roof "
             f"({_where(cost.intensity, ridge)}, {_num(cost.intensity)} FLOP/B)")
     if pf.get("of_measured_matmul"):
@@ -207,7 +216,8 @@ def roofline(results: dict, path: str | os.PathLike) -> None:
               "o-", color=col, label=f"decode step alone, ctx {ctx}")
     for p in pts:
       frac = _of_roof(p["flops_per_second"], p["intensity"], peak, bw)
-      ax.annotate(f"B={p['batch']}: {100 * frac:.0f}%", (p["intensity"], p["flops_per_second"] / scale),
+      ax.annotate(f"B={p['batch']}: {100 * frac:.0f}%",
+                  (p["intensity"], p["flops_per_second"] / scale),
                   textcoords="offset points", xytext=(-5, 7), ha="right", fontsize=7.5, color=col)
     eng = [p for p in pts if "engine" in p]
     if eng:
@@ -278,23 +288,29 @@ def roofline(results: dict, path: str | os.PathLike) -> None:
         bx.loglog([p["batch"] for p in eng], [p["engine"]["tokens_per_second"] for p in eng],
                   "s", mfc="none", color=col, label=f"whole engine step, ctx {ctx}")
     if compare:
+      other = {"hf": "ours", "ours": "hf"}  # the higher of the two is labelled above
       for who, color, marker, name in (("hf", peer_color, "v", "transformers generate"),
                                        ("ours", ours_gen_color, "^", "ours, generate")):
         bx.loglog([c["batch"] for c in compare], [c[who]["tokens_per_second"] for c in compare],
                   marker, color=color, ms=8,
                   label=f"{name} (ctx ~{compare[0]['prompt_len'] + compare[0]['new_tokens'] // 2})")
         for c in compare:
-          bx.annotate(_num(c[who]["tokens_per_second"]), (c["batch"], c[who]["tokens_per_second"]),
-                      textcoords="offset points", xytext=(8, -10 if who == "hf" else 2),
+          tps = c[who]["tokens_per_second"]
+          bx.annotate(_num(tps), (c["batch"], tps), textcoords="offset points",
+                      xytext=(8, 2 if tps >= c[other[who]]["tokens_per_second"] else -10),
                       fontsize=7, color=color)
     bx.set_xscale("log", base=2)
-    bx.xaxis.set_major_formatter(ticker.FuncFormatter(_plain))
-    bx.yaxis.set_major_formatter(ticker.FuncFormatter(_plain))
+    for axis in (bx.xaxis, bx.yaxis):
+      axis.set_major_formatter(ticker.FuncFormatter(_plain))
+    lo_y, hi_y = bx.get_ylim()
+    # Less than a decade shows only minor ticks on a log axis: label them plainly too.
+    bx.yaxis.set_minor_formatter(ticker.FuncFormatter(_plain) if hi_y / lo_y < 10
+                                 else ticker.NullFormatter())
     bx.set_xlabel("batch size (sequences per decode step)")
     bx.set_ylabel("decode tokens/s")
     bx.set_title("Decode throughput against batch size, under the roof's tokens/s", fontsize=10)
     bx.grid(True, which="both", alpha=0.25)
-    bx.legend(fontsize=7.5, loc="upper left")
+    bx.legend(fontsize=7.5, loc="best")
   else:
     bx.axis("off")
 
