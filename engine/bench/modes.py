@@ -33,9 +33,9 @@ import time
 from typing import Callable
 
 from engine import roofline
-from engine.bench.common import (Bench, Needs, Options, build, cdiv, fmt_bandwidth,
-                                 fmt_flops, host, pct, percentiles, run_rows, step_seconds,
-                                 summarize, table, trace_ops, workload_lengths)
+from engine.bench.common import (Bench, Needs, Options, build, cdiv, flops_unit,
+                                 fmt_bandwidth, fmt_flops, host, pct, percentiles, run_rows,
+                                 step_seconds, summarize, table, trace_ops, workload_lengths)
 
 
 # decode ---------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def rooflines(b: Bench, batch: int, context: int) -> dict:
 def run_decode(b: Bench) -> None:
   o = b.options
   ridge = b.results["peaks"]["ridge_point"]
-  scale, unit = 1e9, "GFLOP/s"
+  scale, unit = flops_unit(b.peaks.peak_flops(b.dtype))
   points, rows = [], []
   for context in o.contexts:
     for batch in o.batch_sizes:
