@@ -69,15 +69,26 @@ PEAKS: dict[str, DevicePeaks] = {
 }
 
 
-def _seconds(fn, *args, repeats: int, stat) -> float:
-  """`stat` (min, median) of the wall time of `fn(*args)`, after one warm-up call."""
-  jax.block_until_ready(fn(*args))  # compile and warm
+def time_calls(fn, *args, repeats: int, warmup: int = 1, calls: int = 1,
+               sync=jax.block_until_ready) -> list[float]:
+  """Wall seconds per call of `fn(*args)`, one figure per repetition.
+
+  `warmup` untimed calls first (the first compiles). Each of the `repeats`
+  repetitions makes `calls` calls back to back and waits (`sync`) only on the
+  last one's result, so with calls > 1 the host dispatches call i+1 while the
+  device runs call i: the device's time per call rather than dispatch to result.
+  `sync` is the identity for work that is done when it returns (torch on a CPU).
+  """
+  for _ in range(warmup):
+    sync(fn(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(stat(times))
+    for _ in range(calls - 1):
+      fn(*args)
+    sync(fn(*args))
+    times.append((time.perf_counter() - t0) / calls)
+  return times
 
 
 def lookup(device_kind: str) -> DevicePeaks | None:
@@ -108,7 +119,7 @@ def calibrate(device=None, matmul_size: int = 1024, stream_mib: int = 256,
   n = matmul_size
 
   def best_time(fn, *args):
-    return _seconds(fn, *args, repeats=repeats, stat=min)
+    return min(time_calls(fn, *args, repeats=repeats))
 
   flops = {}
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -223,10 +234,6 @@ def mbu(cost: StepCost, seconds: float, peaks: DevicePeaks) -> float:
 # do at best; these say what a plain copy and the model's own matmul shapes do.)
 
 
-def _median_seconds(fn, *args, repeats: int = 5) -> float:
-  return _seconds(fn, *args, repeats=repeats, stat=np.median)
-
-
 @functools.lru_cache(maxsize=None)
 def measure_copy_bandwidth(device=None, mib: int = 1024, repeats: int = 5) -> float:
   """Bytes/s of a device-to-device copy, counting the bytes read and written
@@ -237,12 +244,13 @@ def measure_copy_bandwidth(device=None, mib: int = 1024, repeats: int = 5) -> fl
   # One read and one write per element, into the donated input's buffer: a fresh
   # output buffer would time the page faults of its first touch on a CPU.
   copy = jax.jit(lambda v: v + 1.0, donate_argnums=0)
-  x = jax.block_until_ready(copy(x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    x = jax.block_until_ready(copy(x))
-    times.append(time.perf_counter() - t0)
+  buf = [x]
+
+  def step():  # each call reads the buffer the last one wrote (the input is donated)
+    buf[0] = copy(buf[0])
+    return buf[0]
+
+  times = time_calls(step, repeats=repeats)
   return 2 * elems * 4 / float(np.median(times))
 
 
@@ -256,7 +264,7 @@ def measure_matmul_seconds(m: int, k: int, n: int, dtype: str = "float32", devic
                               jax.random.normal(jax.random.fold_in(key, 1), (k, n), dtype)),
                  out_shardings=jax.sharding.SingleDeviceSharding(device))
   a, b = make(jax.random.PRNGKey(0))
-  return _median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  return float(np.median(time_calls(jax.jit(jnp.matmul), a, b, repeats=repeats)))
 
 
 def matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:

@@ -56,3 +56,74 @@ def test_sharegpt_lengths_are_shipped_and_reproducible():
   mean_p = sum(p for p, _ in lengths) / len(lengths)
   mean_o = sum(o for _, o in lengths) / len(lengths)
   assert abs(mean_p - 215) < 15 and abs(mean_o - 198) < 15
+
+
+def test_replot_draws_a_saved_run_with_its_caption(tmp_path):
+  """--replot draws a committed results JSON again (no model, no benchmark), and the
+  caption says how far each point is from its roof and which roof it is under."""
+  saved = ROOT / "benchmarks" / "results" / "cpu_smollm2_fp32_compare.json"
+  png = tmp_path / "again.png"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--replot",
+                         str(saved), "--plot", str(png)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 50_000
+
+  from engine.bench import plots
+  results = json.loads(saved.read_text())
+  text = "\n".join(plots.caption(results))
+  # B=1 at context 64: 27.6 tok/s, 0.505 FLOP/byte, far left of the 8.7 ridge; its
+  # roof is the bandwidth, and it reaches bytes/s / bandwidth of it.
+  b1 = results["decode"][0]
+  assert b1["batch"] == 1
+  share = round(100 * b1["bytes_per_second"] / results["peaks"]["bandwidth"])
+  assert f"B=1 27.6 tok/s = {share}% of its roof (memory-bound" in text
+  # B=64 is past the ridge: its share is of the peak FLOP/s.
+  b64 = results["decode"][1]
+  peak = results["peaks"]["flops"]["float32"]
+  assert f"B=64 401 tok/s = {round(100 * b64['flops_per_second'] / peak)}% of its roof " \
+         "(compute-bound" in text
+  # The peer's figures, as measured: transformers 25.0 and 342 tok/s.
+  assert "B=1: transformers (red) 25 tok/s" in text and "1.41x" in text
+  assert "B=64: transformers (red) 342 tok/s" in text and "1.06x" in text
+  assert "GFLOP/s" in text and "TFLOP/s" not in text  # CPU units
+
+
+def test_replot_rejects_a_file_that_is_not_a_results_json(tmp_path):
+  bad = tmp_path / "lengths.json"
+  bad.write_text(json.dumps({"lengths": [[1, 2]]}))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--replot",
+                         str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0
+  assert f"{bad}: not a benchmark results file (no model, peaks, machine, date)" in proc.stderr
+  assert not bad.with_suffix(".png").exists()
+
+
+def test_time_calls_warms_up_then_times_back_to_back_calls():
+  from engine import roofline
+  calls, synced = [], []
+  times = roofline.time_calls(lambda x: calls.append(x) or x, 7, repeats=3, warmup=2, calls=4,
+                              sync=synced.append)
+  assert len(times) == 3 and all(t >= 0 for t in times)
+  assert len(calls) == 2 + 3 * 4  # the warm-up calls, then 4 per repetition
+  assert len(synced) == 2 + 3  # waits on every warm-up call, then once per repetition
+
+
+def test_run_rows_prefers_the_sampling_step():
+  from engine.bench.common import run_rows
+
+  class Old:
+    def step(self, rows):
+      return ("logits", rows)
+
+  class New(Old):
+    def run_rows(self, rows):
+      return ("tokens", rows)
+
+  assert run_rows(Old(), [1]) == ("logits", [1])
+  assert run_rows(New(), [1]) == ("tokens", [1])
