@@ -5,14 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 
-def power_of_two_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
-  """start, 2*start, 4*start, ... and finally `limit` itself (if not a power)."""
-  out, b = [], start
-  while b < limit:
-    out.append(b)
-    b *= 2
-  out.append(limit)
-  return tuple(out)
+from engine.util import bucket, ceil_div, power_of_two_buckets  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +58,7 @@ class EngineConfig:
 
   @property
   def max_pages_per_seq(self) -> int:
-    return -(-self.max_model_len // self.page_size)
+    return ceil_div(self.max_model_len, self.page_size)
 
   # Shape buckets: every step is padded up to one of these, so the number of
   # compiled variants is bounded by the product of the bucket counts.
@@ -93,9 +86,3 @@ class EngineConfig:
     prefill = len(self.prefill_batch_buckets) * len(self.prefill_token_buckets) * blocks
     return decode + prefill
 
-
-def bucket(n: int, buckets: tuple[int, ...]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
