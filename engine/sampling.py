@@ -127,7 +127,7 @@ class SamplingParams:
     if not all(isinstance(s, str) and s for s in self.stop):
       bad("stop", "a string or a list of non-empty strings")
     if not all(is_int(t) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids):
-      bad("stop_token_ids", "a list of token ids >= 0")
+      bad("stop_token_ids", "a list of token ids in [0, 2**31)")
     if self.logprobs is not None and (not is_int(self.logprobs)
                                       or not 0 <= self.logprobs <= MAX_LOGPROBS):
       bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
