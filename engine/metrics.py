@@ -111,6 +111,13 @@ class Metrics:
 
   # Reading -------------------------------------------------------------------
 
+  def serve(self, port: int, addr: str = "127.0.0.1"):
+    """Serves this registry at http://addr:port/metrics from a daemon thread
+    (prometheus_client's own server) until the process exits; returns the server
+    (`server.server_port` is the port, useful with port 0)."""
+    server, _ = prom.start_http_server(port, addr=addr, registry=self.registry)
+    return server
+
   def prometheus_text(self) -> str:
     return prom.generate_latest(self.registry).decode()
 

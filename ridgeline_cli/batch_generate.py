@@ -1,13 +1,16 @@
 """Batch generation: a JSONL file of prompts in, a JSONL file of completions out.
 
-  python scripts/batch_generate.py --input examples/prompts.jsonl --output out.jsonl
-  python scripts/batch_generate.py --input in.jsonl --output out.jsonl \\
+  ridgeline-batch --input examples/prompts.jsonl --output out.jsonl
+  ridgeline-batch --input in.jsonl --output out.jsonl \\
       --temperature 0.7 --top_p 0.95 --max_tokens 512 --seed 1 --max_batch 128
+  (or, from a source tree: python scripts/batch_generate.py ...)
 
 Each input line: {"id": ..., "prompt": "text" | [token ids]} or {"id": ..., "messages":
 [...]}, optionally "sampling": {SamplingParams fields}; or an OpenAI batch-file line
 ({"custom_id": ..., "body": {"messages": [...], "max_tokens": ...}}). The job resumes
-where it stopped when rerun with the same flags.
+where it stopped when rerun with the same flags. One job at a time writes an
+output (a lock, OUTPUT.lock, taken before anything is touched, --overwrite included).
+--metrics_port serves the engine's Prometheus metrics while the job runs.
 
 Two ways to use several processes:
 - independent engines: run the job once per process with --process_count N and
@@ -22,15 +25,13 @@ Exit status: 0 when every line produced a completion, else the number of error
 lines (capped at 125).
 """
 
-import os
 import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import flags_common  # noqa: E402
-from engine import batch  # noqa: E402
+from engine import batch
+from ridgeline_cli import _app, flags_common
 
 flags.DEFINE_string("input", None, "Input JSONL file.", required=True)
 flags.DEFINE_string("output", None, "Output JSONL file (resumed if it exists).", required=True)
@@ -58,7 +59,12 @@ flags.DEFINE_integer("max_in_flight", 0, "Most requests in the engine at once "
                      "(0: 4 x --max_batch).")
 flags.DEFINE_bool("token_ids", True, "Write the generated token ids too.")
 flags.DEFINE_bool("fsync", True, "fsync each batch of finished lines.")
-flags.DEFINE_bool("overwrite", False, "Delete an existing output (and its parts) first.")
+flags.DEFINE_bool("overwrite", False, "Delete an existing output (and its summary; process 0 "
+                  "also the merged output) first, once this job holds the output's lock.")
+flags.DEFINE_integer("metrics_port", None, "Serve the engine's Prometheus metrics at "
+                     "http://METRICS_ADDR:PORT/metrics while the job runs (0: any free port).")
+flags.DEFINE_string("metrics_addr", "127.0.0.1", "Address for --metrics_port (0.0.0.0 "
+                    "exposes it to the network).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.DEFINE_integer("show", 0, "Print this many completions at the end.")
 FLAGS = flags.FLAGS
@@ -88,13 +94,6 @@ def _show(path: str, k: int) -> None:
           + (f", ttft {ttft * 1e3:.0f} ms" if ttft is not None else "") + "]\n")
 
 
-def _overwrite(path: str, also: str | None) -> None:
-  for p in filter(None, (path, also)):
-    for f in (p, batch.summary_path(p)):
-      if os.path.exists(f):
-        os.remove(f)
-
-
 def main(argv):
   del argv
   if FLAGS.merge:
@@ -106,6 +105,21 @@ def main(argv):
     print(batch.format_summary(summary))
     return min(summary["errors"], 125)
 
+  index, count = FLAGS.process_index, FLAGS.process_count
+  lock = None
+  if FLAGS.coordinator_address is None:
+    # Take the output's lock before the minutes of loading a model: a second job
+    # on this output stops at once, having touched nothing.
+    lock = batch.JobLock(batch.BatchJob("", FLAGS.output, process_index=index,
+                                        process_count=count).path)
+  try:
+    return _run(lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(lock):
   t0 = time.perf_counter()
   engine = flags_common.load_engine()
   load_time = time.perf_counter() - t0
@@ -116,19 +130,20 @@ def main(argv):
     raise app.UsageError("--process_count shards the input over independent engines; with "
                          "--coordinator_address the processes already form one engine")
   leader = not lockstep or jax.process_index() == 0
-  if FLAGS.overwrite and leader:  # this process's part; process 0 also the merged output
-    _overwrite(batch.BatchJob("", FLAGS.output, process_index=index, process_count=count).path,
-               FLAGS.output if index == 0 and count > 1 else None)
+  if FLAGS.metrics_port is not None and leader:
+    server = engine.metrics.serve(FLAGS.metrics_port, FLAGS.metrics_addr)
+    print(f"metrics: http://{FLAGS.metrics_addr}:{server.server_port}/metrics",
+          file=sys.stderr, flush=True)
   job = batch.BatchJob(
       input=FLAGS.input, output=FLAGS.output, default_sampling=_default_sampling(),
       seed=FLAGS.seed, process_index=index, process_count=count,
       max_in_flight=FLAGS.max_in_flight or None, token_ids=FLAGS.token_ids,
       fsync=FLAGS.fsync, progress=FLAGS.progress, auto_merge=FLAGS.auto_merge,
-      lockstep=lockstep)
+      lockstep=lockstep, overwrite=FLAGS.overwrite)
   print(f"loaded in {load_time:.1f} s; " + (f"writing {job.path}" if leader else
         f"process {jax.process_index()} runs in lockstep; process 0 writes {job.path}"),
         file=sys.stderr)
-  summary = batch.run_batch(engine, job, load_time_s=load_time)
+  summary = batch.run_batch(engine, job, load_time_s=load_time, lock=lock)
   if not leader:
     return 0
   final = summary.get("merged", summary if count == 1 else None)
@@ -146,5 +161,9 @@ def main(argv):
   return min(final["errors"], 125)
 
 
+def run():
+  _app.run(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

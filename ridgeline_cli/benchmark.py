@@ -43,11 +43,11 @@ import socket
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags  # noqa: F401
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import flags_common  # noqa: E402
+from engine import util
+from engine.util import ceil_div
+from ridgeline_cli import _app, flags_common
 
 MODES = ("decode", "throughput", "latency", "prefill", "ttft", "kernels")
 
@@ -155,13 +155,10 @@ def build(needs: dict, attention_impl: str | None = None) -> Bench:
   import jax
   from engine import roofline
   from engine.engine import Engine
-  from engine.runner import enable_compilation_cache
   from model import attention as attention_lib
   from model.loading import load_model
 
-  logging.set_verbosity(logging.WARNING)
-  if FLAGS.compilation_cache_dir:
-    enable_compilation_cache(FLAGS.compilation_cache_dir)
+  flags_common.enable_compilation_cache()
   t0 = time.perf_counter()
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype)
   if attention_impl or FLAGS.attention:
@@ -171,7 +168,7 @@ def build(needs: dict, attention_impl: str | None = None) -> Bench:
   page = config.page_size
   max_len = max(min(config.max_model_len, model.config.max_position_embeddings),
                 needs["max_len"])
-  max_len = -(-max_len // page) * page
+  max_len = ceil_div(max_len, page) * page
   config = dataclasses.replace(
       config, max_model_len=max_len, max_batch=max(config.max_batch, needs["max_batch"]),
       # The side-by-side decode prefills all its prompts in one step, as generate does.
@@ -214,7 +211,7 @@ def build(needs: dict, attention_impl: str | None = None) -> Bench:
 def needs_for(modes) -> dict:
   """Largest batch, sequence length and page count the chosen modes use."""
   page = FLAGS.page_size
-  pages_for = lambda n: -(-n // page)
+  pages_for = lambda n: ceil_div(n, page)
   batch, length, pages = 1, 16, 0
   if "decode" in modes:
     bs = [int(b) for b in FLAGS.batch_sizes]
@@ -260,7 +257,7 @@ def time_runner_steps(b: Bench, batch: int, context: int) -> dict:
   import jax
   from engine.runner import Row
   page = b.engine.config.page_size
-  per_seq = -(-(context + 1) // page)
+  per_seq = ceil_div(context + 1, page)
   # Ordinary tokens (random_prompts draws from the middle of the vocabulary): the
   # lowest ids are special or rare tokens, and a batch-64 step of the default model
   # took 228 ms on them against 160 ms on ordinary ids (CPU, two runs).
@@ -523,7 +520,7 @@ def run_prefill(b: Bench) -> None:
   steps = []
   for start in range(0, n, chunk):
     m = min(chunk, n - start)
-    steps.append([Row(tokens[start:start + m], start, list(range(-(-(start + m) // page))))])
+    steps.append([Row(tokens[start:start + m], start, list(range(ceil_div(start + m, page))))])
   runner = b.engine.runner
   run = lambda: [jax.block_until_ready(runner.step(rows)) for rows in steps]
   for _ in range(FLAGS.warmup):
@@ -553,7 +550,7 @@ def run_prefill(b: Bench) -> None:
   batched = []
   for shape in FLAGS.prefill_batch_shapes:
     rows_n, t = (int(x) for x in shape.split("x"))
-    per_seq = -(-t // page)
+    per_seq = ceil_div(t, page)
     prompts = random_prompts(rows_n, t, b.model_config.vocab_size)
     rows = [Row(p, 0, list(range(i * per_seq, (i + 1) * per_seq)))
             for i, p in enumerate(prompts)]
@@ -689,8 +686,8 @@ def poisson_run(b: Bench, rate: float, n: int, seed: int) -> dict:
     if m.tpot is not None:
       tpot.append(m.tpot)
     eng.release(rid)
-  stats = lambda v: {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)),
-                     "p90": float(np.percentile(v, 90)), "p99": float(np.percentile(v, 99))}
+  nan = float("nan")
+  stats = lambda v: util.percentiles(v) or {"mean": nan, "p50": nan, "p90": nan, "p99": nan}
   return {"rate": rate, "requests": n, "seconds": wall, "ttft": stats(ttft),
           "tpot": stats(tpot), "output_tokens_per_second": n * FLAGS.latency_output / wall}
 
@@ -731,7 +728,7 @@ def run_ttft(b: Bench) -> None:
   new_prompt = lambda: random_prompts(1, FLAGS.ttft_prompt_len, b.model_config.vocab_size)
   first = b.engine.generate(new_prompt(), params)[0].metrics.ttft
   again = b.engine.generate(new_prompt(), params)[0].metrics.ttft
-  cache = FLAGS.compilation_cache_dir
+  cache = flags_common.compilation_cache_dir()
   entries = len(os.listdir(cache)) if cache and os.path.isdir(cache) else 0
   b.results["ttft"] = {"prompt_len": FLAGS.ttft_prompt_len, "first_request": first,
                        "second_request": again, "compilation_cache_dir": cache,
@@ -758,7 +755,7 @@ def run_kernels(c, page: int) -> dict:
     return {"impl": impl, "error": "pallas gpu ops not importable", "ok": False}
   small = platform_ != "gpu"
   for batch, ctx in ([(1, 64), (2, 64)] if small else [(1, 4096), (8, 4096), (64, 1024)]):
-    nb = -(-ctx // page)
+    nb = ceil_div(ctx, page)
     pool_pages = batch * nb + 1
     rng = np.random.default_rng(batch)
     shape = (pool_pages, page, c.num_kv_heads, c.head_dim)
@@ -1033,5 +1030,9 @@ def main(argv):
     print(f"roofline plot: {png}")
 
 
+def run():
+  _app.run(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

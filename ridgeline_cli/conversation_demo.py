@@ -8,13 +8,10 @@ the rest. Prints, per turn, the prompt length, the tokens computed and the token
 served from the cache, then the totals.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import flags_common  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine.sampling import SamplingParams
+from ridgeline_cli import _app, flags_common
 
 flags.DEFINE_integer("turns", 10, "Conversation turns.")
 flags.DEFINE_integer("max_tokens", 48, "Most new tokens per answer.")
@@ -58,5 +55,9 @@ def main(argv):
         f"{(total_prompt - total_computed) / total_prompt:.1%})")
 
 
+def run():
+  _app.run(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

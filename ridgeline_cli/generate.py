@@ -1,22 +1,25 @@
 """Generates text for a few prompts and reports tokens/s.
 
-  python scripts/generate.py --prompt "The capital of France is"
-  python scripts/generate.py --chat "What is the capital of France?" --temperature 0
-  python scripts/generate.py --input examples/prompts.jsonl --max_tokens 64
+  ridgeline-generate --prompt "The capital of France is"
+  ridgeline-generate --chat "What is the capital of France?" --temperature 0
+  ridgeline-generate --input examples/prompts.jsonl --max_tokens 64
+  (or, from a source tree: python scripts/generate.py ...)
 
-With no --checkpoint or --model, the default model is used (converted once into
---cache_dir).
+Give at least one --prompt, --chat or --input. --input is JSONL, one object per
+line: {"prompt": "text" | [token ids]} or {"messages": [{"role": "user", "content":
+"..."}]}, optionally with "sampling": {...} (SamplingParams fields, overriding the
+flags for that line), or an OpenAI batch-file line. With no --checkpoint or
+--model, the default model is used (converted once into --cache_dir).
 """
 
-import json
 import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import flags_common  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine import batch
+from engine.sampling import SamplingParams
+from ridgeline_cli import _app, flags_common
 
 flags.DEFINE_multi_string("prompt", [], "A plain-text prompt (repeatable).")
 flags.DEFINE_multi_string("chat", [], "A user message, sent through the chat template (repeatable).")
@@ -36,16 +39,29 @@ flags.DEFINE_float("device_memory_gib", None, "Memory of one device for the memo
 FLAGS = flags.FLAGS
 
 
-def _prompts():
+def _prompts() -> tuple[list, list[SamplingParams]]:
+  """(prompts, their SamplingParams): the flags' prompts, then --input's lines."""
+  default = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                 max_tokens=FLAGS.max_tokens)
+  if FLAGS.seed is not None:
+    default["seed"] = FLAGS.seed
+  params = SamplingParams(**default)
   prompts = list(FLAGS.prompt) + [[{"role": "user", "content": c}] for c in FLAGS.chat]
+  all_params = [params] * len(prompts)
   if FLAGS.input:
-    with open(FLAGS.input) as f:
-      for line in f:
-        if line.strip():
-          row = json.loads(line)
-          body = row.get("body", row)
-          prompts.append(body.get("messages") or body.get("prompt"))
-  return prompts or ["What is the capital of France?"]
+    # The batch job's parser: the same formats, per-line "sampling" honoured.
+    with open(FLAGS.input, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        item = batch.parse_line(number, raw, default, seed=FLAGS.seed or 0)
+        if item.error is not None:
+          raise ValueError(f"{FLAGS.input} {item.error}")
+        prompts.append(item.prompt)
+        all_params.append(item.params)
+  if not prompts:
+    raise app.UsageError("no prompt: give --prompt TEXT, --chat MESSAGE or --input FILE.jsonl")
+  return prompts, all_params
 
 
 def _memory_report(config, mesh, num_pages=None):
@@ -70,14 +86,12 @@ def main(argv):
     print("memory: " + _memory_report(flags_common.model_config(),
                                       sharding.MeshShape.parse(FLAGS.mesh)).summary())
     return
+  prompts, params = _prompts()  # before loading: a bad input fails at once
   t0 = time.perf_counter()
   engine = flags_common.load_engine()
   print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
   print("memory: " + _memory_report(engine.model_config, engine.runner.mesh,
                                     engine.runner.num_pages).summary(), file=sys.stderr)
-  params = SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          seed=FLAGS.seed, max_tokens=FLAGS.max_tokens)
-  prompts = _prompts()
   for run in range(FLAGS.repeat):
     t0 = time.perf_counter()
     outputs = engine.generate(prompts, params)
@@ -96,5 +110,9 @@ def main(argv):
           f"{n_out / wall:.1f} tokens/s" + (" (includes compilation)" if run == 0 else ""))
 
 
+def run():
+  _app.run(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()
