@@ -65,9 +65,9 @@ from engine import util
 from engine.engine import CapacityError as _CapacityError
 from engine.sampling import SamplingParams
 
-__all__ = ["BatchJob", "JobLock", "LockedError", "JsonlSource", "Item", "parse_line", "make_dataset", "ResultWriter",
-           "run_batch", "merge_parts", "part_path", "summary_path", "format_summary",
-           "read_records"]
+__all__ = ["BatchJob", "JobLock", "LockedError", "JsonlSource", "Item", "parse_line",
+           "make_dataset", "ResultWriter", "run_batch", "merge_parts", "part_path",
+           "summary_path", "format_summary", "read_records"]
 
 # OpenAI batch-file `body` fields that say nothing about sampling.
 _OPENAI_IGNORED = frozenset({"model", "user", "metadata", "store", "stream",
@@ -331,7 +331,7 @@ class JobLock:
       self._fd = None
       raise LockedError(f"another job is writing {output} (lock {self.path} held"
                         + (f" by pid {holder}" if holder else "") + "); wait for it to "
-                        "finish or stop it (--overwrite does not override the lock)") from None
+                        "finish or stop it (overwriting does not override the lock)") from None
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -348,7 +348,7 @@ class JobLock:
 
 
 def _remove_outputs(path: str) -> None:
-  """--overwrite: the output, its summary and stale temporaries (lock held)."""
+  """Overwriting: the output, its summary and stale temporaries (lock held)."""
   for f in [path, summary_path(path), *glob.glob(glob.escape(path) + ".tmp-*")]:
     if os.path.exists(f):
       os.remove(f)
