@@ -61,21 +61,21 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from engine import util
+from engine.engine import CapacityError as _CapacityError
 from engine.sampling import SamplingParams
 
-__all__ = ["BatchJob", "JsonlSource", "Item", "parse_line", "make_dataset", "ResultWriter",
-           "run_batch", "merge_parts", "part_path", "summary_path", "format_summary",
-           "read_records"]
+__all__ = ["BatchJob", "JobLock", "LockedError", "JsonlSource", "Item", "parse_line",
+           "make_dataset", "ResultWriter", "run_batch", "merge_parts", "part_path",
+           "summary_path", "format_summary", "read_records"]
 
 # OpenAI batch-file `body` fields that say nothing about sampling.
 _OPENAI_IGNORED = frozenset({"model", "user", "metadata", "store", "stream",
                              "stream_options"})
-_PERCENTILES = (50, 90, 99)
-try:  # raised by engines with a bounded waiting queue
-  from engine.engine import CapacityError as _CapacityError
-except ImportError:
-  class _CapacityError(Exception):
-    pass
+_PERCENTILES = util.PERCENTILES
+_EXPECTED_LINE = ('each line must be a JSON object such as {"prompt": "text"}, '
+                  '{"prompt": [token ids]} or {"messages": [{"role": "user", "content": '
+                  '"text"}]}')
 
 
 # Input ---------------------------------------------------------------------------
@@ -173,10 +173,10 @@ def parse_line(line: int, raw: bytes, default_sampling: dict | None = None,
   try:
     obj = json.loads(raw)
   except ValueError as e:  # includes invalid UTF-8
-    return Item(line, None, error=f"line {line}: malformed JSON: {e}")
+    return Item(line, None, error=f"line {line}: not JSON ({e}); {_EXPECTED_LINE}")
   if not isinstance(obj, dict):
-    return Item(line, None,
-                error=f"line {line}: expected a JSON object, got {type(obj).__name__}")
+    return Item(line, None, error=f"line {line}: expected a JSON object, got "
+                                  f"{type(obj).__name__}; {_EXPECTED_LINE}")
   openai = "custom_id" in obj or "body" in obj
   rid = obj.get("custom_id") if openai else obj.get("id")
   if rid is None:
@@ -223,8 +223,8 @@ def parse_line(line: int, raw: bytes, default_sampling: dict | None = None,
     params = SamplingParams.from_dict(sampling)
   except (ValueError, TypeError) as e:
     return fail(f"invalid sampling parameters: {e}")
-  if params.seed is None:
-    params.seed = derive_seed(seed, item.key)
+  if params.seed is None:  # SamplingParams is frozen: a copy with the derived seed
+    params = dataclasses.replace(params, seed=derive_seed(seed, item.key))
   item.params = params
   return item
 
@@ -282,12 +282,7 @@ class Tally:
 
 
 def _percentiles(values) -> dict | None:
-  if not len(values):
-    return None
-  a = np.asarray(values)
-  out = {f"p{p}": float(np.percentile(a, p)) for p in _PERCENTILES}
-  out["mean"] = float(a.mean())
-  return out
+  return util.percentiles(values)
 
 
 def _iter_lines(path: str) -> Iterable[tuple[int, bytes]]:
@@ -311,6 +306,54 @@ def _parse_record(raw: bytes) -> dict | None:
   return record
 
 
+class LockedError(RuntimeError):
+  """Another job holds the output: this one must not write it."""
+
+
+class JobLock:
+  """The exclusive right to write one output (and its summary, parts and merge).
+
+  An flock on `OUTPUT.lock`, a file that is never replaced or deleted (the output
+  itself is replaced atomically when it is rewritten in input order, so a lock on
+  it would not survive that). Taken before anything is deleted or written, held
+  until the job's last write; the kernel drops it when the process dies.
+  """
+
+  def __init__(self, output: str, blocking: bool = False):
+    self.path = output + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+      os.close(self._fd)
+      self._fd = None
+      raise LockedError(f"another job is writing {output} (lock {self.path} held"
+                        + (f" by pid {holder}" if holder else "") + "); wait for it to "
+                        "finish or stop it (overwriting does not override the lock)") from None
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _remove_outputs(path: str) -> None:
+  """Overwriting: the output, its summary and stale temporaries (lock held)."""
+  for f in [path, summary_path(path), *glob.glob(glob.escape(path) + ".tmp-*")]:
+    if os.path.exists(f):
+      os.remove(f)
+
+
 class ResultWriter:
   """Append-only JSONL output that survives being killed at any instant.
 
@@ -328,7 +371,7 @@ class ResultWriter:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(self._fd)
-      raise RuntimeError(f"another job is writing {path}") from None
+      raise LockedError(f"another job is writing {path}") from None
     self.done: dict[int, int] = {}
     self.tally = Tally()
     self.truncated_bytes = 0
@@ -474,6 +517,8 @@ class BatchJob:
   max_in_flight: most requests queued or running at once (default 4 x max_batch).
   auto_merge: after a process finishes its part, merge all parts into `output`
     if every part is complete.
+  overwrite: delete this process's output and summary (and, for process 0 of a
+    sharded job, the merged output) before starting, after taking the lock.
   lockstep: the engine is one program over several JAX processes (jax.distributed,
     a mesh spanning them), so every process must submit the same requests: the
     input is not sharded, all processes read every line, and only process 0
@@ -492,6 +537,7 @@ class BatchJob:
   progress: bool = True
   auto_merge: bool = True
   lockstep: bool = False
+  overwrite: bool = False
 
   @property
   def path(self) -> str:
@@ -501,23 +547,46 @@ class BatchJob:
     return part_path(self.output, self.process_index, self.process_count)
 
 
-def run_batch(engine, job: BatchJob, load_time_s: float | None = None) -> dict:
+def run_batch(engine, job: BatchJob, load_time_s: float | None = None,
+              lock: JobLock | None = None) -> dict:
   """Runs (or resumes) the job on `engine`; returns its summary.
 
   The summary's "errors" counts every error record of this process's output
   (earlier runs included); "merged" holds the merged summary when this call
   merged the parts.
+
+  The output's JobLock is taken first (or `lock`, already taken by the caller,
+  e.g. before loading a model) and held to the last write, so two jobs never
+  both write one output, with or without `overwrite`; the second raises
+  LockedError having touched nothing.
   """
   if not 0 <= job.process_index < job.process_count:
     raise ValueError(f"process_index {job.process_index} not in [0, {job.process_count})")
   if job.lockstep and job.process_count > 1:
     raise ValueError("a lockstep job reads the whole input in every process; "
                      "it cannot also be sharded (process_count > 1)")
-  path = job.path
   leader = True
   if job.lockstep:
     import jax
     leader = jax.process_index() == 0
+  if not leader:
+    return _run_locked(engine, job, load_time_s, leader)
+  own = lock is None
+  lock = lock or JobLock(job.path)
+  try:
+    if job.overwrite:
+      _remove_outputs(job.path)
+      if job.process_count > 1 and job.process_index == 0:
+        with JobLock(job.output):  # the merged output, under its own lock
+          _remove_outputs(job.output)
+    return _run_locked(engine, job, load_time_s, leader)
+  finally:
+    if own:
+      lock.release()
+
+
+def _run_locked(engine, job: BatchJob, load_time_s: float | None, leader: bool) -> dict:
+  path = job.path
   shard = grain.sharding.ShardOptions(job.process_index, job.process_count)
   ds = make_dataset(job.input, job.default_sampling, job.seed, shard)
   previous = None
@@ -543,9 +612,7 @@ def run_batch(engine, job: BatchJob, load_time_s: float | None = None) -> dict:
   if load_time_s is not None:
     summary["run"]["load_time_s"] = round(load_time_s, 3)
   summary["run"]["truncated_bytes"] = writer.truncated_bytes
-  metrics = getattr(engine, "metrics", None)
-  if metrics is not None and hasattr(metrics, "snapshot"):
-    summary["engine"] = metrics.snapshot()  # since the engine was built
+  summary["engine"] = engine.metrics.snapshot()  # since the engine was built
   if stats["requests"] == 0 and previous and previous.get("run", {}).get("requests"):
     # Nothing was left to do: keep the figures of the run that did the work.
     summary["run"] = dict(previous["run"], skipped=stats["skipped"], rerun_noop=True)
@@ -573,7 +640,7 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   batch_sum = batch_max = decode_steps = 0
   kv_sum = kv_max = 0.0
   sched = engine.scheduler
-  stats0 = collections.Counter(dict(getattr(sched, "stats", {})))
+  counts0 = _engine_counts(engine)
   pbar = tqdm(total=total, initial=len(writer.done), unit="req", file=sys.stderr,
               disable=not job.progress, dynamic_ncols=True, smoothing=0.1)
   t0 = last_refresh = time.perf_counter()
@@ -665,8 +732,8 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       except Exception:  # noqa: BLE001 -- the original error is the one to see
         pass
   wall = time.perf_counter() - t0
-  sched_stats = collections.Counter(dict(getattr(sched, "stats", {})))
-  sched_stats.subtract(stats0)
+  counts = _engine_counts(engine)
+  counts.subtract(counts0)
   return {
       "requests": completed, "skipped": skipped, "wall_time_s": round(wall, 3),
       "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
@@ -677,9 +744,25 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       "decode_batch_max": batch_max,
       "kv_utilization_mean": kv_sum / steps if steps else 0.0,
       "kv_utilization_max": kv_max,
-      "preemptions": sched_stats.get("preemptions", 0),
-      "scheduler": {k: int(v) for k, v in sorted(sched_stats.items())},
+      # This run's share of the engine's own counters (engine/metrics.py).
+      "preemptions": int(counts["preemptions"]),
+      "engine_counts": {k: int(v) for k, v in sorted(counts.items())},
   }
+
+
+# The engine's counters the run reports, as (summary name, prometheus sample).
+_COUNTERS = (("preemptions", "ridgeline_preemptions_total"),
+             ("prefix_cache_evictions", "ridgeline_prefix_cache_evictions_total"),
+             ("prefix_cache_hit_tokens", "ridgeline_prefix_cache_hits_tokens_total"),
+             ("prompt_tokens", "ridgeline_prompt_tokens_total"),
+             ("generation_tokens", "ridgeline_generation_tokens_total"))
+
+
+def _engine_counts(engine) -> collections.Counter:
+  """The engine's counters now (its metrics registry: the one source of truth)."""
+  registry = engine.metrics.registry
+  return collections.Counter({k: registry.get_sample_value(name) or 0.0
+                              for k, name in _COUNTERS})
 
 
 # Merging ---------------------------------------------------------------------------
@@ -747,6 +830,11 @@ def merge_parts(output: str, process_count: int) -> dict:
   missing = [p for p in parts if not os.path.exists(summary_path(p))]
   if missing:
     raise FileNotFoundError(f"parts not complete (no summary beside them): {missing}")
+  with JobLock(output, blocking=True):
+    return _merge_locked(output, process_count, parts)
+
+
+def _merge_locked(output: str, process_count: int, parts: list[str]) -> dict:
   part_summaries = [_read_json(summary_path(p)) or {} for p in parts]
   tally = _rewrite_in_input_order(parts, output)
   runs = [s.get("run", {}) for s in part_summaries]
@@ -787,22 +875,7 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
+_write_json = util.write_json_atomic
 
 
 # Report ---------------------------------------------------------------------------

@@ -5,14 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 
-def power_of_two_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
-  """start, 2*start, 4*start, ... and finally `limit` itself (if not a power)."""
-  out, b = [], start
-  while b < limit:
-    out.append(b)
-    b *= 2
-  out.append(limit)
-  return tuple(out)
+from engine.util import bucket, ceil_div, power_of_two_buckets  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +58,7 @@ class EngineConfig:
 
   @property
   def max_pages_per_seq(self) -> int:
-    return -(-self.max_model_len // self.page_size)
+    return ceil_div(self.max_model_len, self.page_size)
 
   # Step shapes. A step is one flat batch of tokens: a decode region of Bd rows
   # (one token each) and a prefill region of Tp tokens in tiles of
@@ -120,9 +113,3 @@ def geometric_buckets(limit: int, start: int, factor: int) -> tuple[int, ...]:
   out.append(limit)
   return tuple(out)
 
-
-def bucket(n: int, buckets: tuple[int, ...]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")

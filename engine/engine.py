@@ -37,6 +37,7 @@ from engine.runner import Runner
 from engine.sampling import SamplingParams
 from engine.outputs import RequestMetrics
 from engine.scheduler import Request, Scheduler
+from model import default_model
 from model import transformer as transformer_lib
 from model.config import ModelConfig
 
@@ -44,6 +45,29 @@ Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics",
            "CompletionOutput", "StreamOutput", "GenerationRequest", "CapacityError"]
+
+
+_DEFAULT_COMPILATION_CACHE = default_model.default_compilation_cache_dir()
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_text(text: str, field: str) -> None:
+  """Text must be encodable Unicode: a lone surrogate (from a bad JSON escape or a
+  broken decode) cannot be tokenized."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{field} contains a lone surrogate {text[e.start]!r} at character "
+                     f"{e.start}; text must be valid Unicode") from None
+
+
+def _describe(x) -> str:
+  if isinstance(x, (list, tuple)) and x:
+    kinds = sorted({type(v).__name__ for v in x})
+    return f"a {type(x).__name__} of {', '.join(kinds)}"
+  if isinstance(x, (list, tuple)):
+    return f"an empty {type(x).__name__}"
+  return type(x).__name__
 
 
 class CapacityError(RuntimeError):
@@ -174,11 +198,20 @@ class Engine:
     return num_pages
 
   @classmethod
-  def from_checkpoint(cls, path: str, config: EngineConfig | None = None, mesh=None,
+  def from_checkpoint(cls, path: str, config: EngineConfig | None = None, mesh=None, *,
+                      compilation_cache_dir: str | None = _DEFAULT_COMPILATION_CACHE,
                       **kwargs) -> "Engine":
     """An engine over a checkpoint (orbax, .gguf or HF directory) and the tokenizer
-    stored with it; on a mesh the weights are restored straight into their shardings."""
+    stored with it; on a mesh the weights are restored straight into their shardings.
+
+    compilation_cache_dir: persist compiled steps there (JAX's persistent
+    compilation cache, process-wide), so a second process skips compiling; the
+    default is ~/.cache/ridgeline/jax_cache, None leaves JAX's setting alone.
+    """
     from model.loading import load_model  # orbax is only needed when restoring
+    if compilation_cache_dir:
+      from engine.runner import enable_compilation_cache
+      enable_compilation_cache(compilation_cache_dir)
     model, tokenizer = load_model(path, mesh=mesh)
     return cls(model, tokenizer, config, mesh=mesh, **kwargs)
 
@@ -200,61 +233,119 @@ class Engine:
     arrival = time.perf_counter()
     try:
       params = params if params is not None else SamplingParams()
+      if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
       params.validate()
       prompt_ids = self._tokenize(prompt)
+      params = self._check_params(params)
       max_tokens = self._check_length(prompt_ids, params)
-      vocab = self.model_config.vocab_size
-      for name in ("stop_token_ids", "allowed_token_ids"):
-        bad = [t for t in getattr(params, name) or () if t >= vocab]
-        if bad:
-          raise ValueError(f"{name} out of range [0, {vocab}): {bad[:5]}")
-      if params.stop and self.tokenizer is None:
-        raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnicodeError) as e:
       self._failed[request_id] = RequestOutput(
           request_id, prompt, [], [CompletionOutput(0, "", [], "error")], True,
           RequestMetrics(arrival), error=str(e))
       return request_id
     seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
     tok = self.tokenizer
+    skip = params.skip_special_tokens
     self.scheduler.add(Request(
         request_id, prompt_ids, params, arrival, seed, max_tokens,
-        detokenizer_factory=(lambda: tok.detokenizer(prompt_ids)) if tok else None))
+        detokenizer_factory=(lambda: tok.detokenizer(prompt_ids, skip)) if tok else None))
     return request_id
 
+  def _check_params(self, params: SamplingParams) -> SamplingParams:
+    """The checks that need the model: every value bound for a device array must
+    fit it. Returns the params to run with (a copy when one is normalised)."""
+    vocab = self.model_config.vocab_size
+    for name in ("stop_token_ids", "allowed_token_ids"):
+      bad = [t for t in getattr(params, name) or () if t >= vocab]
+      if bad:
+        raise ValueError(f"{name} must be token ids below the vocabulary size {vocab}, "
+                         f"got {bad[:5]}")
+    if params.logprobs is not None and params.logprobs > vocab:
+      raise ValueError(f"logprobs must be at most the vocabulary size {vocab}, "
+                       f"got {params.logprobs}")
+    if params.n > self.config.max_batch:
+      raise ValueError(f"n must be at most max_batch ({self.config.max_batch}): all samples "
+                       f"of a prompt decode together; got {params.n}")
+    if params.stop and self.tokenizer is None:
+      raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+    if params.top_k >= vocab:  # vLLM's meaning: at least the whole vocabulary = all tokens
+      params = dataclasses.replace(params, top_k=0)
+    return params
+
   def _tokenize(self, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+      raise ValueError("prompt is bytes; pass text (decode it, e.g. data.decode('utf-8')), "
+                       "a list of token ids or a list of chat messages")
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-      ids = self.tokenizer.encode(prompt)
+      _check_text(prompt, "prompt")
+      if not prompt.strip():
+        raise ValueError("prompt is empty or only whitespace; give some text")
+      ids = self._encode(self.tokenizer.encode, prompt)
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
       if self.tokenizer is None:
         raise ValueError("a chat prompt needs a tokenizer")
-      for m in prompt:
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-          raise ValueError(f"each chat message needs string 'role' and 'content', got {m!r}")
-      ids = self.tokenizer.encode_chat(list(prompt))
-    elif isinstance(prompt, Sequence) and all(
+      for i, m in enumerate(prompt):
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+          raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; "
+                           f"got {role!r}")
+        if not isinstance(content, str):
+          raise ValueError(f"messages[{i}].content must be a string, got "
+                           f"{type(content).__name__}")
+        _check_text(content, f"messages[{i}].content")
+      if not any(m["content"].strip() for m in prompt):
+        raise ValueError("every message's content is empty or only whitespace")
+      ids = self._encode(self.tokenizer.encode_chat, list(prompt))
+    elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, str) and all(
         isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
       ids = [int(t) for t in prompt]
       vocab = self.model_config.vocab_size
       bad = [t for t in ids if not 0 <= t < vocab]
       if bad:
-        raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        raise ValueError(f"prompt token ids out of range: they must be in [0, {vocab}) "
+                         f"(the vocabulary), got {bad[:5]}")
     else:
       raise ValueError("a prompt must be a string, a list of token ids or a list of "
-                       f"chat messages, got {type(prompt).__name__}")
+                       f"chat messages ({{'role', 'content'}}), got {_describe(prompt)}")
     if not ids:
-      raise ValueError("empty prompt")
+      raise ValueError("empty prompt: it has no tokens")
+    top = max(ids)
+    if top >= self.model_config.vocab_size:  # text / chat: the tokenizer's ids
+      raise ValueError(f"the tokenizer produced token id {top}, beyond the model's "
+                       f"vocabulary of {self.model_config.vocab_size}: the tokenizer "
+                       "does not belong to this model")
     return ids
 
+  @staticmethod
+  def _encode(fn, value) -> list[int]:
+    try:
+      return fn(value)
+    except (ValueError, TypeError, UnicodeError):
+      raise
+    except Exception as e:  # tokenizers / jinja raise their own types; all mean bad input
+      raise ValueError(f"cannot tokenize the prompt: {type(e).__name__}: {e}") from e
+
   def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    """The most tokens to generate. Like vLLM, a prompt plus max_tokens beyond
+    max_model_len is an error, not a silent clamp; max_tokens None means up to it."""
     limit = self.config.max_model_len
-    if len(prompt_ids) >= limit:
-      raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_model_len is {limit}, "
+    n = len(prompt_ids)
+    if n >= limit:
+      raise ValueError(f"prompt is {n} tokens; max_model_len is {limit}, "
                        "which must leave room for at least one generated token")
-    room = limit - len(prompt_ids)
-    return room if params.max_tokens is None else min(params.max_tokens, room)
+    room = limit - n
+    if params.max_tokens is not None and params.max_tokens > room:
+      raise ValueError(
+          f"max_tokens is {params.max_tokens} but the prompt has {n} tokens and "
+          f"max_model_len is {limit}: at most {room} new tokens fit (or pass None for "
+          "up to the model length)")
+    if params.min_tokens > room:
+      raise ValueError(f"min_tokens is {params.min_tokens} but at most {room} new tokens "
+                       f"fit (prompt {n} tokens, max_model_len {limit})")
+    return room if params.max_tokens is None else params.max_tokens
 
   def abort(self, request_id: str) -> bool:
     """Stops a request; its pages are freed at once. Returns whether it was live."""

@@ -10,8 +10,9 @@ job. Raw samples for percentiles are kept in memory (8 bytes each).
 
 from __future__ import annotations
 
-import numpy as np
 import prometheus_client as prom
+
+from engine.util import percentiles
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)
@@ -114,6 +115,13 @@ class Metrics:
 
   # Reading -------------------------------------------------------------------
 
+  def serve(self, port: int, addr: str = "127.0.0.1"):
+    """Serves this registry at http://addr:port/metrics from a daemon thread
+    (prometheus_client's own server) until the process exits; returns the server
+    (`server.server_port` is the port, useful with port 0)."""
+    server, _ = prom.start_http_server(port, addr=addr, registry=self.registry)
+    return server
+
   def prometheus_text(self) -> str:
     return prom.generate_latest(self.registry).decode()
 
@@ -156,9 +164,4 @@ class Metrics:
 
 
 def _summary(values: list[float]) -> dict:
-  if not values:
-    return {"count": 0}
-  a = np.asarray(values, np.float64)
-  return {"count": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-          "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-          "max": float(a.max())}
+  return percentiles(values, count=True, maximum=True) or {"count": 0}

@@ -158,11 +158,6 @@ class StepCost:
     """Roofline time: the slower of doing the math and moving the bytes."""
     return max(self.flops / peaks.peak_flops(dtype), self.bytes / peaks.bandwidth)
 
-  def __add__(self, other: "StepCost") -> "StepCost":
-    return StepCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
-                    self.kv_read_bytes + other.kv_read_bytes,
-                    self.kv_write_bytes + other.kv_write_bytes)
-
 
 def _layer_matmul_params(c: ModelConfig) -> int:
   d, f = c.hidden_size, c.intermediate_size

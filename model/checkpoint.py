@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from engine.util import write_json_atomic
 from model import params as params_lib
 from model.config import ModelConfig
 from model.params import Params
@@ -86,12 +87,7 @@ def _abspath(path: str | os.PathLike) -> str:
 
 def _write_json_atomic(path: str, text: str) -> None:
   """Write via a temporary file and rename, so readers never see half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_json_atomic(path, text=text)
 
 
 def _read_json(path: str, what: str, checkpoint: str) -> Any:

@@ -26,3 +26,12 @@ def gguf_path() -> pathlib.Path:
 
 # The name of its converted (dequantized, float32) orbax checkpoint in a cache dir.
 CHECKPOINT_NAME = "smollm2-135m-instruct-f32"
+
+# Where scripts keep converted models and compiled steps unless told otherwise
+# (`--cache_dir`); `Engine.from_checkpoint` persists compilations under it too.
+DEFAULT_CACHE_DIR = str(pathlib.Path("~/.cache/ridgeline").expanduser())
+COMPILATION_CACHE_SUBDIR = "jax_cache"
+
+
+def default_compilation_cache_dir(cache_dir: str | None = None) -> str:
+  return str(pathlib.Path(cache_dir or DEFAULT_CACHE_DIR) / COMPILATION_CACHE_SUBDIR)

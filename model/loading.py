@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import shutil
@@ -94,6 +95,10 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
     config, params = checkpoint.restore(path, shardings=shardings, dtype=dtype)
     tok_dir = path / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    if tokenizer is None:
+      logging.getLogger(__name__).warning(
+          "checkpoint %s has no tokenizer (%s is missing): only token-id prompts will "
+          "work; convert it again to restore the tokenizer", path, tok_dir)
   else:
     config, params = load_foreign(path, dtype or "float32")
     if mesh is not None:

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from engine.util import ceil_div
 from model import params as params_lib
 from model.config import ModelConfig
 
@@ -278,11 +279,6 @@ def param_shardings(config: ModelConfig, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def kv_sharding(config: ModelConfig, mesh: Mesh,
-                rules: ShardingRules = ShardingRules()) -> NamedSharding:
-  return NamedSharding(mesh, plan(config, mesh, rules).kv_spec())
-
-
 def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
   """Shardings for an `nnx.split` state of the Transformer, from a canonical tree
   of shardings (`param_shardings`): each parameter by its name ("layers.3.q"),
@@ -454,7 +450,7 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
     room = int(device_bytes * memory_fraction) - per_device
     if pages is None:
       pages = max(room // page_bytes, 0)
-    need = -(-max_model_len // page_size) if max_model_len else 1
+    need = ceil_div(max_model_len, page_size) if max_model_len else 1
     fits = room >= pages * page_bytes and pages >= need and room > 0
   return MemoryReport(
       model=config.name, mesh=shape, weight_dtype=config.weight_dtype.name,

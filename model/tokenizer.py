@@ -344,7 +344,8 @@ class Tokenizer:
   @classmethod
   def from_gguf(cls, path: PathLike) -> Tokenizer:
     """The vocabulary embedded in a GGUF file (llama.cpp's `tokenizer.*` keys)."""
-    reader = gguf.GGUFReader(os.fspath(path))
+    from model.convert.gguf import open_gguf  # the error that names the file
+    reader = open_gguf(path)
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("tokenizer.")}
     kind = meta.get("tokenizer.ggml.model")
@@ -370,17 +371,34 @@ class Tokenizer:
 
 def load_tokenizer(path: PathLike) -> Tokenizer:
   """The tokenizer at `path`: a .gguf file, a sentencepiece .model file, a
-  tokenizer.json file, or a Hugging Face model directory."""
+  tokenizer.json file, or a Hugging Face model directory.
+
+  Raises FileNotFoundError or ValueError naming the path and what is wrong (the
+  parsers' own exceptions say neither)."""
   path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"tokenizer {path} does not exist")
   if path.is_dir():
-    return Tokenizer.from_hf_dir(path)
-  if path.suffix == ".gguf":
-    return Tokenizer.from_gguf(path)
-  if path.suffix == ".model":
-    return Tokenizer.from_sentencepiece(path)
-  if path.suffix == ".json":
-    return Tokenizer.from_hf_json(path)
-  raise ValueError(f"don't know how to load a tokenizer from {path}")
+    load = Tokenizer.from_hf_dir
+  elif path.suffix == ".gguf":
+    load = Tokenizer.from_gguf
+  elif path.suffix == ".model":
+    load = Tokenizer.from_sentencepiece
+  elif path.suffix == ".json":
+    load = Tokenizer.from_hf_json
+  else:
+    raise ValueError(f"don't know how to load a tokenizer from {path} (expected a .gguf, "
+                     "tokenizer.json or .model file, or a Hugging Face directory)")
+  try:
+    return load(path)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # tokenizers, sentencepiece, gguf, json raise their own types
+    if str(path) in str(e):
+      raise ValueError(f"{e}") from e
+    what = "directory" if path.is_dir() else "file"
+    raise ValueError(f"cannot read tokenizer {what} {path}: {type(e).__name__}: "
+                     f"{' '.join(str(e).split()) or 'unreadable'}") from e
 
 
 class IncrementalDetokenizer:

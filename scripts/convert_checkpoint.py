@@ -1,24 +1,13 @@
-"""Converts a GGUF file or a Hugging Face model directory into an orbax checkpoint.
+"""Runs ridgeline_cli/convert_checkpoint.py from a source tree (installed: see pyproject's
+[project.scripts]). The code and --help live there."""
 
-  python scripts/convert_checkpoint.py --input model.gguf --output /ckpt/smollm2
-"""
+import os
+import sys
 
-from absl import app, flags
+# The source tree first, so this checkout's packages are the ones imported.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.loading import convert
-
-flags.DEFINE_string("input", None, ".gguf file or Hugging Face directory.", required=True)
-flags.DEFINE_string("output", None, "Orbax checkpoint directory to write.", required=True)
-flags.DEFINE_string("dtype", "float32", "Dtype of the stored weights.")
-flags.DEFINE_bool("force", False, "Replace an existing checkpoint at --output.")
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  del argv
-  convert(FLAGS.input, FLAGS.output, FLAGS.dtype, FLAGS.force)
-  print(f"wrote {FLAGS.output}")
-
+from ridgeline_cli.convert_checkpoint import run  # noqa: E402
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -14,6 +14,7 @@ with long right tails and medians well below the means, as in the real data.
   python scripts/make_sharegpt_lengths.py --check    # verify it is reproducible
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -73,10 +74,17 @@ def load(path=OUT) -> list[tuple[int, int]]:
 
 
 def main(argv):
+  parser = argparse.ArgumentParser(
+      prog="make_sharegpt_lengths.py", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--check", action="store_true",
+                      help=f"only verify that {OUT.name} is what this script makes "
+                           "(exit 1 if not); writes nothing")
+  args = parser.parse_args(argv)  # --help prints and exits 0 before anything is written
   data = make()
   text = dumps(data)
   assert json.loads(text)["lengths"] == data["lengths"]
-  if "--check" in argv:
+  if args.check:
     same = OUT.exists() and OUT.read_text() == text
     print("up to date" if same else f"{OUT} differs from what this script makes")
     return 0 if same else 1

@@ -173,7 +173,8 @@ def test_bad_lines_become_error_lines_and_the_rest_runs(engine, tmp_path):
   assert summary["errors"] == 14 and summary["ok"] == 4
   for line, msg in errors.items():
     assert msg.startswith(f"line {line}: "), msg
-  assert "malformed JSON" in errors[2] and "JSON object" in errors[3]
+  assert "not JSON" in errors[2] and "JSON object" in errors[3]
+  assert "each line must be a JSON object such as {\"prompt\": \"text\"}" in errors[2]
   assert "empty prompt" in errors[4] and "empty prompt" in errors[5]
   assert "no prompt" in errors[6]
   assert "temperature" in errors[8] and "temprature" in errors[9] and "top_p" in errors[10]

@@ -1,5 +1,7 @@
 """Engine core on a tiny random model: batching, chunking, donation, pages, sampling."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -104,7 +106,8 @@ def test_donation_deletes_old_pool_and_aliases(engine):
 
 def test_no_page_leaks_with_aborts_and_errors(engine):
   prompts = _prompts(10, seed=7)
-  ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=30)) for p in prompts]
+  # Prompts of up to 39 tokens + 24 fit max_model_len 64.
+  ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=24)) for p in prompts]
   bad = [engine.add_request([], GREEDY), engine.add_request([7] * 100, GREEDY),
          engine.add_request([1, 99999], GREEDY)]
   multi = engine.add_request(prompts[0], SamplingParams(n=3, temperature=1.0, seed=4,
@@ -157,7 +160,9 @@ def test_min_tokens_above_max_tokens_rejected():
 def test_invalid_params_fail_that_request_only(engine):
   sp = SamplingParams(temperature=0, max_tokens=4)
   bad = SamplingParams(temperature=0, max_tokens=4)
-  bad.top_p = 7.0  # mutated after construction: caught at submission
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    bad.top_p = 7.0
+  object.__setattr__(bad, "top_p", 7.0)  # forced past the freeze: caught at submission
   outs = engine.generate([[1, 2], [3, 4]], [bad, sp])
   assert outs[0].finish_reason == "error" and "top_p" in outs[0].error
   assert outs[1].finish_reason == "length"

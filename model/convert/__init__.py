@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -12,11 +13,46 @@ from model.params import Params
 def load_foreign(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
   """A GGUF file or a Hugging Face model directory, chosen by what `path` is."""
   path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist")
   if path.is_file() and path.suffix == ".gguf":
     from model.convert.gguf import load_gguf
     return load_gguf(path, dtype)
+  if path.is_dir():
+    incomplete = _incomplete_ridgeline_checkpoint(path)
+    if incomplete:
+      raise ValueError(incomplete)
   if path.is_dir() and (path / "config.json").exists():
     from model.convert.hf import load_hf
     return load_hf(path, dtype)
-  raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model directory "
-                   "(a folder with config.json and *.safetensors)")
+  if path.is_dir():
+    raise ValueError(f"{path} is not a model directory: it has no config.json (an orbax "
+                     "checkpoint has config.json, manifest.json and params/; a Hugging "
+                     "Face directory config.json and *.safetensors)")
+  raise ValueError(f"{path} is neither a .gguf file nor a model directory (an orbax "
+                   "checkpoint, or a Hugging Face folder with config.json and "
+                   "*.safetensors)")
+
+
+def _incomplete_ridgeline_checkpoint(path: pathlib.Path) -> str | None:
+  """What a damaged orbax checkpoint lacks, when `path` looks like one: it has
+  some of config.json (a ModelConfig, not a Hugging Face config), manifest.json
+  and params/, but not all (else it would have loaded as a checkpoint)."""
+  from model import checkpoint
+  names = (checkpoint.CONFIG_FILE, checkpoint.MANIFEST_FILE, checkpoint.PARAMS_DIR)
+  present = [n for n in names if (path / n).exists()]
+  config = path / checkpoint.CONFIG_FILE
+  if present == [checkpoint.CONFIG_FILE]:
+    try:
+      data = json.loads(config.read_text())
+    except (OSError, ValueError):
+      return None  # hf.py names an unreadable config.json
+    if not isinstance(data, dict) or "architectures" in data or "model_type" in data:
+      return None  # a Hugging Face directory
+    if "hidden_size" not in data or "num_layers" not in data:
+      return None
+  if not present:
+    return None
+  missing = [n for n in names if n not in present]
+  return (f"orbax checkpoint {path} is incomplete: missing {', '.join(missing)} "
+          f"(it has {', '.join(present)}); convert it again (ridgeline-convert --force)")

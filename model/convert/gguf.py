@@ -101,7 +101,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
       `gguf` package cannot dequantize. Messages name the file and the tensors.
   """
   path = os.fspath(path)
-  reader = gguf.GGUFReader(path)  # memory-maps the file; tensors are read on access
+  reader = open_gguf(path)
   tensors = {t.name: t for t in reader.tensors}
   arch = _architecture(reader, path)
   config = _read_config(reader, arch, tensors, path, dtype)
@@ -124,6 +124,16 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   # conversion itself (a transpose or reshape gone wrong).
   params_lib.check(params, config, source=f"tensors converted from GGUF file {path}")
   return config, params
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+  """gguf's reader (it memory-maps the file; tensors are read on access), with an
+  error that names the file: gguf's own says only "GGUF magic invalid"."""
+  try:
+    return gguf.GGUFReader(os.fspath(path))
+  except Exception as e:  # noqa: BLE001 -- ValueError, struct.error, OSError ...
+    raise ValueError(f"{os.fspath(path)} is not a readable GGUF file: "
+                     f"{type(e).__name__}: {e}") from e
 
 
 # Metadata -> ModelConfig -------------------------------------------------------------

@@ -77,6 +77,9 @@ def _architecture(hf: dict[str, Any]) -> str:
       return arch
   if not archs and hf.get("model_type") in by_type:
     return by_type[hf["model_type"]]
+  if not archs and not hf.get("model_type"):
+    raise ValueError("config.json names no model: it has neither 'architectures' nor "
+                     f"'model_type' (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
   named = archs or [hf.get("model_type")]
   raise ValueError(
       f"unsupported Hugging Face architecture {named}; supported: "
@@ -263,8 +266,11 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no config.json in Hugging Face model directory {path}")
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f), dtype=dtype)
+  try:
+    with open(config_path) as f:
+      config = config_from_hf(json.load(f), dtype=dtype)
+  except (ValueError, TypeError, AttributeError) as e:  # bad JSON or an unusable config
+    raise ValueError(f"Hugging Face config {config_path}: {e}") from e
   if not config.name:
     config = config.replace(name=os.path.basename(path))
 

@@ -6,19 +6,19 @@ scripts reads flags or the environment.
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
-from absl import logging
 
 from engine.config import EngineConfig
+from model import default_model
+from ridgeline_cli import _app  # noqa: F401 (--verbose)
 
 flags.DEFINE_string("checkpoint", None,
                     "Orbax checkpoint directory, .gguf file or Hugging Face directory. "
                     "Default: the default model (SmolLM2-135M-Instruct).")
 flags.DEFINE_string("model", None, "A preset from configs/models.py, with random weights.")
-flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "ridgeline"),
-                    "Where the default model is converted to once.")
+flags.DEFINE_string("cache_dir", default_model.DEFAULT_CACHE_DIR,
+                    "Where the default model is converted to once, and (in "
+                    f"{default_model.COMPILATION_CACHE_SUBDIR}/) compiled steps are kept.")
 flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: the checkpoint's).")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.")
 flags.DEFINE_integer("num_pages", None, "KV-cache pages (default: from --kv_cache_mb).")
@@ -32,7 +32,9 @@ flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one st
 flags.DEFINE_bool("warmup", True,
                   "Compile every step variant at start-up (in parallel), before any request.")
 flags.DEFINE_string("compilation_cache_dir", None,
-                    "Persist compiled steps here (JAX's persistent compilation cache).")
+                    "Persist compiled steps here (JAX's persistent compilation cache), so "
+                    "a second run skips compiling. Default: --cache_dir/"
+                    f"{default_model.COMPILATION_CACHE_SUBDIR}; 'none' turns it off.")
 flags.DEFINE_string("mesh", None,
                     "Device mesh, e.g. 'data=2,model=4' (or '2x4'; -1 = the remaining "
                     "devices): weights and KV pages sharded over `model`, batches split over "
@@ -44,6 +46,22 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 FLAGS = flags.FLAGS
+
+
+def compilation_cache_dir() -> str | None:
+  """The --compilation_cache_dir to use (None: off)."""
+  value = FLAGS.compilation_cache_dir
+  if value is None:
+    return default_model.default_compilation_cache_dir(FLAGS.cache_dir)
+  return None if value.strip().lower() in ("", "none", "off") else value
+
+
+def enable_compilation_cache() -> str | None:
+  from engine.runner import enable_compilation_cache as enable
+  path = compilation_cache_dir()
+  if path:
+    enable(path)
+  return path
 
 
 def engine_config() -> EngineConfig:
@@ -104,11 +122,8 @@ def load_engine():
   """Builds the Engine the flags describe (joining a multi-process run first)."""
   init_distributed()
   from engine.engine import Engine
-  from engine.runner import enable_compilation_cache
   from model.loading import load_model
-  logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
-  if FLAGS.compilation_cache_dir:
-    enable_compilation_cache(FLAGS.compilation_cache_dir)
+  enable_compilation_cache()
   mesh = make_mesh()
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
                                 mesh=mesh)
@@ -121,8 +136,9 @@ def load_engine():
 
 def model_config():
   """The ModelConfig the flags name, without reading any weights (for reports)."""
+  import os
   from configs import models
-  from model import checkpoint, default_model
+  from model import checkpoint
   if FLAGS.model:
     config = models.get(FLAGS.model)
   elif FLAGS.checkpoint and checkpoint.is_checkpoint(FLAGS.checkpoint):

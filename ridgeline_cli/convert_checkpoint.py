@@ -1,0 +1,36 @@
+"""Converts a GGUF file or a Hugging Face model directory into an orbax checkpoint.
+
+  ridgeline-convert --input model.gguf --output /ckpt/smollm2
+  (or, from a source tree: python scripts/convert_checkpoint.py ...)
+
+The checkpoint holds the weights, the model config and the tokenizer (in
+tokenizer/); pass it to the other commands with --checkpoint.
+"""
+
+from absl import flags
+
+from ridgeline_cli import _app
+
+flags.DEFINE_string("input", None, ".gguf file or Hugging Face directory.", required=True)
+flags.DEFINE_string("output", None, "Orbax checkpoint directory to write.", required=True)
+flags.DEFINE_string("dtype", "float32", "Dtype of the stored weights.")
+flags.DEFINE_bool("force", False, "Replace an existing checkpoint at --output.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from model.loading import convert
+  try:
+    convert(FLAGS.input, FLAGS.output, FLAGS.dtype, FLAGS.force)
+  except FileExistsError as e:  # the library says force=True; here it is a flag
+    raise FileExistsError(str(e).replace("pass force=True", "pass --force")) from e
+  print(f"wrote {FLAGS.output}")
+
+
+def run():
+  _app.run(main, __name__)
+
+
+if __name__ == "__main__":
+  run()
