@@ -29,7 +29,7 @@ flags.DEFINE_integer("max_batch", 64, "Most sequences in one decode step.")
 flags.DEFINE_integer("max_model_len", 2048, "Most tokens (prompt + output) per sequence.")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
-flags.DEFINE_bool("warmup", True,
+flags.DEFINE_bool("precompile", True,
                   "Compile every step variant at start-up (in parallel), before any request.")
 flags.DEFINE_string("compilation_cache_dir", None,
                     "Persist compiled steps here (JAX's persistent compilation cache), so "
@@ -128,7 +128,7 @@ def load_engine():
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
                                 mesh=mesh)
   engine = Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
-  if FLAGS.warmup:
+  if FLAGS.precompile:
     seconds = engine.warmup()
     logging.warning("compiled %d step variants in %.1f s", len(engine.runner.variants), seconds)
   return engine
