@@ -145,6 +145,9 @@ class ParsedRequest:
   model: str | None = None
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
+
+
 def _param_from_loc(loc: Sequence) -> str | None:
   """pydantic's error location -> OpenAI's `param` (`messages[0].content`), without
   the union-member tags pydantic adds (`str`, `list[int]`, ...)."""
@@ -152,13 +155,9 @@ def _param_from_loc(loc: Sequence) -> str | None:
   for part in loc:
     if isinstance(part, int):
       out += f"[{part}]"
-    elif part in ("body",) and not out:
-      continue
-    elif re.fullmatch(r"[a-z_]+", str(part)) and part not in (
-        "str", "int", "float", "bool", "list", "dict", "none", "literal"):
+    elif (re.fullmatch(r"[a-z_]+", str(part)) and part not in _TYPE_TAGS
+          and not (part == "body" and not out)):
       out += ("." if out else "") + part
-    else:
-      break
   return out or None
 
 
