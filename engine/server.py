@@ -413,10 +413,13 @@ class _Server:
             lp = oaf.completion_logprobs(self.token_text, token_ids, lps,
                                          parsed.top_logprobs, text_offset[choice])
             text_offset[choice] += sum(len(t) for t in lp["tokens"])
-        if not text and lp is None and finish is None:
+        if not text and not token_ids and finish is None:
           continue
-        c = oaf.chunk_choice(kind, choice, text if text or kind != "chat" else None, lp,
-                             finish)
+        # A chunk per delta that carries tokens, even when they have no text yet (a
+        # character split over tokens, a possible stop string held back, or no
+        # tokenizer): clients see progress token by token.
+        c = oaf.chunk_choice(kind, choice, text if text or token_ids or kind != "chat"
+                             else None, lp, finish)
         yield sse(oaf.chunk(kind, rid, created, self.model_name, [c], usage_on))
       elif ev[0] == "done":
         state["done"].add(ev[1])

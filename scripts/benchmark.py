@@ -23,6 +23,10 @@ Modes (comma-separated, run in one process on one engine):
               cold or warm depending on --compilation_cache_dir's contents.
   kernels     paged attention: the Pallas GPU kernel against the XLA reference on
               this device (max error) and their times.
+  serve       `vllm bench serve`-style: starts scripts/serve.py (the same model and
+              engine flags) in a subprocess, or targets --url, and streams Poisson
+              arrivals at each --rates value over HTTP (--latency_input/_output
+              tokens): TTFT, TPOT, ITL percentiles, output tok/s (engine/serve_bench.py).
 
 --compare hf runs Hugging Face transformers' `generate` (torch, the same weights,
 prompts and lengths, greedy, --threads threads) in the same run and prints our/HF
@@ -49,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flags_common  # noqa: E402
 
-MODES = ("decode", "throughput", "latency", "prefill", "ttft", "kernels")
+MODES = ("decode", "throughput", "latency", "prefill", "ttft", "kernels", "serve")
 
 flags.DEFINE_list("mode", ["decode"], f"Comma-separated modes: {', '.join(MODES)}.")
 flags.DEFINE_list("batch_sizes", ["1", "2", "4", "8", "16", "32", "64", "128", "256"],
@@ -78,6 +82,7 @@ flags.DEFINE_string("sharegpt_file", os.path.join(
 flags.DEFINE_list("rates", ["1", "2", "4"], "latency: request rates (requests/s).")
 flags.DEFINE_integer("latency_input", 64, "latency: prompt tokens per request.")
 flags.DEFINE_integer("latency_output", 32, "latency: output tokens per request.")
+flags.DEFINE_string("url", None, "serve: a running server to target (default: start one).")
 flags.DEFINE_integer("prefill_tokens", 2048, "prefill: prompt tokens.")
 flags.DEFINE_list("prefill_batch_shapes", [], "prefill: also time steps of BxT (B fresh "
                   "prompts of T tokens in one step), e.g. 512x128.")
@@ -994,6 +999,17 @@ def plot(results: dict, path: str) -> None:
 # main ---------------------------------------------------------------------------------------
 
 
+def run_serve() -> None:
+  from engine import serve_bench
+  cfg = serve_bench.ServeBenchConfig(
+      url=FLAGS.url, rates=[float(r) for r in FLAGS.rates], num_requests=FLAGS.num_requests,
+      input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed)
+  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
+                  if FLAGS[n].present]
+  serve_bench.main(cfg, pathlib.Path(__file__).with_name("serve.py"), server_flags,
+                   FLAGS.output, FLAGS.label)
+
+
 def main(argv):
   del argv
   modes = [m.strip() for m in FLAGS.mode]
@@ -1006,6 +1022,11 @@ def main(argv):
     if not kernels["ok"] and FLAGS.attention in (None, "auto"):
       impl = "xla"
       print("kernels: the Pallas kernel failed its check; attention runs on XLA")
+  if "serve" in modes:  # its engine runs in the server process, not in this one
+    run_serve()
+    modes = [m for m in modes if m != "serve"]
+    if not modes:
+      return
   bench = build(needs_for(modes), impl)
   if kernels is not None:
     bench.results["kernels"] = kernels

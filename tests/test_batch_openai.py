@@ -132,7 +132,7 @@ def test_openai_batch_file_gives_openai_output_lines(text_engine, tmp_path):
 
 
 def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_cache, tmp_path):  # noqa: F811
-  prompts = _token_prompts(80, seed=7, lo=4, hi=15)
+  prompts = _token_prompts(48, seed=7, lo=4, hi=15)
   rows = [_line(f"r{i}", COMPLETIONS, {"model": "tiny", "prompt": p}) for i, p in
           enumerate(prompts)]
   rows[10] = _line("r10", "/v1/moderations", {"input": "x"})
@@ -144,7 +144,7 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
           "--max_in_flight", "4"]
   rng = random.Random(1)
   killed_runs = 0
-  for k in range(3):
+  for k in range(2):
     before = _complete_lines(out)
     proc = _script(args, compile_cache)
     target = before + rng.randint(5, 20)
@@ -162,8 +162,8 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 3, stderr  # three error lines
   records = batch.read_records(str(out))
-  assert len(records) == 80 and out.read_bytes().count(b"\n") == 80
-  assert [r["custom_id"] for r in records] == [None if i == 30 else f"r{i}" for i in range(80)]
+  assert len(records) == 48 and out.read_bytes().count(b"\n") == 48
+  assert [r["custom_id"] for r in records] == [None if i == 30 else f"r{i}" for i in range(48)]
   for r in records:
     _check_envelope(r)
   assert {r["line"] - 1 for r in records if r["error"]} == {10, 20, 30}
@@ -174,4 +174,4 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
       body = got[f"r{i}"]["response"]["body"]
       assert body["usage"]["completion_tokens"] == len(exp.token_ids), i
       assert body["choices"][0]["finish_reason"] == exp.finish_reason
-  assert killed_runs >= 2
+  assert killed_runs >= 1
