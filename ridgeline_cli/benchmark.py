@@ -130,6 +130,24 @@ def options() -> Options:
       compilation_cache_dir=flags_common.compilation_cache_dir())
 
 
+flags.DEFINE_string("url", None, "serve: a running server to target (default: start one).")
+
+
+def run_serve() -> None:
+  """`vllm bench serve`-style: starts scripts/serve.py with the same model and engine
+  flags (or targets --url) and streams Poisson arrivals at each --rates value over
+  HTTP (engine/serve_bench.py)."""
+  import pathlib
+  from engine import serve_bench
+  cfg = serve_bench.ServeBenchConfig(
+      url=FLAGS.url, rates=[float(r) for r in FLAGS.rates], num_requests=FLAGS.num_requests,
+      input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed)
+  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
+                  if FLAGS[n].present]
+  script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "serve.py"
+  serve_bench.main(cfg, script, server_flags, FLAGS.output, FLAGS.label)
+
+
 def main(argv):
   del argv
   if FLAGS.replot:
@@ -139,10 +157,16 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     return
+  modes = [m.strip() for m in FLAGS.mode]
+  if "serve" in modes:  # its engine runs in the server process, not in this one
+    run_serve()
+    modes = [m for m in modes if m != "serve"]
+    if not modes:
+      return
   try:
-    modes = modes_lib.check_modes(FLAGS.mode)
+    modes = modes_lib.check_modes(modes)
   except ValueError as e:
-    raise app.UsageError(f"--mode: {e}") from None
+    raise app.UsageError(f"--mode: {e} (or serve)") from None
   opts = options()
   peer = None
   if FLAGS.compare == "hf":

@@ -118,8 +118,9 @@ def agreed_peaks():
                              memory_bytes=values[-1])
 
 
-def load_engine():
-  """Builds the Engine the flags describe (joining a multi-process run first)."""
+def load_engine(precompile: bool | None = None):
+  """Builds the Engine the flags describe (joining a multi-process run first) and,
+  unless `precompile` (default: --precompile) is False, compiles its step variants."""
   init_distributed()
   from engine.engine import Engine
   from model.loading import load_model
@@ -128,7 +129,7 @@ def load_engine():
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
                                 mesh=mesh)
   engine = Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
-  if FLAGS.precompile:
+  if FLAGS.precompile if precompile is None else precompile:
     seconds = engine.warmup()
     logging.warning("compiled %d step variants in %.1f s", len(engine.runner.variants), seconds)
   return engine
