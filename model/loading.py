@@ -32,9 +32,10 @@ from model.tokenizer import Tokenizer, load_tokenizer
 TOKENIZER_DIR = "tokenizer"
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
             force: bool = False) -> None:
-  """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer)."""
+  """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer).
+  dtype None stores the weights in their own dtype (a bf16 directory stays bf16)."""
   config, params = load_foreign(source, dtype)
   tokenizer = load_tokenizer(source)
   checkpoint.save(output, params, config, force=force)
@@ -95,7 +96,7 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
     tok_dir = path / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
   else:
-    config, params = load_foreign(path, dtype or "float32")
+    config, params = load_foreign(path, dtype)  # None: the weights' own dtype
     if mesh is not None:
       params = sharding_lib.place(params, sharding_lib.param_shardings(config, mesh))
     tokenizer = load_tokenizer(path)

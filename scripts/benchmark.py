@@ -169,7 +169,8 @@ def build(needs: dict, attention_impl: str | None = None) -> Bench:
   load_s = time.perf_counter() - t0
   config = flags_common.engine_config()
   page = config.page_size
-  max_len = max(min(config.max_model_len, model.config.max_position_embeddings),
+  max_len = max(min(config.max_model_len or needs["max_len"],
+                    model.config.max_position_embeddings),
                 needs["max_len"])
   max_len = -(-max_len // page) * page
   config = dataclasses.replace(

@@ -113,7 +113,7 @@ def test_qwen2_bf16_sharded_weights_and_config(qwen2_bf16_sharded_dir):
   with safe_open(str(path / sorted(set(index["weight_map"].values()))[0]), "numpy") as f:
     assert f.get_slice(next(iter(f.keys()))).get_dtype() == "BF16"
 
-  config, params = hf.load_hf(path, dtype="bfloat16")
+  config, params = hf.load_hf(path)  # the weights' own dtype by default
   assert config.qkv_bias and config.tie_word_embeddings
   assert config.rope_theta == 1e6 and config.rope_scaling is None
   assert config.param_dtype == "bfloat16"
@@ -121,7 +121,7 @@ def test_qwen2_bf16_sharded_weights_and_config(qwen2_bf16_sharded_dir):
   assert params["layers"][1]["k_bias"].shape == (32,)
   assert_matches_state_dict(params, state, config)  # bf16 -> bf16: bit for bit
 
-  config32, params32 = hf.load_hf(path)  # bf16 -> f32 is exact too
+  config32, params32 = hf.load_hf(path, dtype="float32")  # bf16 -> f32 is exact too
   assert config32.param_dtype == "float32"
   assert_matches_state_dict(params32, state, config32)
 

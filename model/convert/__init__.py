@@ -9,8 +9,12 @@ from model.config import ModelConfig
 from model.params import Params
 
 
-def load_foreign(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
-  """A GGUF file or a Hugging Face model directory, chosen by what `path` is."""
+def load_foreign(path: str | os.PathLike, dtype: str | None = None,
+                 ) -> tuple[ModelConfig, Params]:
+  """A GGUF file or a Hugging Face model directory, chosen by what `path` is.
+
+  dtype None keeps the weights' own dtype (see each converter).
+  """
   path = pathlib.Path(path)
   if path.is_file() and path.suffix == ".gguf":
     from model.convert.gguf import load_gguf

@@ -82,13 +82,15 @@ _LLAMA3_DEFAULT_HIGH_FREQ_FACTOR = 4.0
 _MISSING = object()
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
   """Reads a llama/qwen2 GGUF file into (config, canonical numpy parameter tree).
 
   Args:
     path: the `.gguf` file (a single file; split files are not supported).
     dtype: numpy/JAX dtype name of the returned arrays ("float32", "bfloat16", ...);
-      also the config's param and compute dtype. Quantized tensors are dequantized
+      also the config's param and compute dtype. None: the file's own (bfloat16 or
+      float16 when every matrix is stored so, else float32, the exact value of
+      every quantized format). Quantized tensors are dequantized
       to float32 first, then cast, so the cast is the only rounding added.
 
   Returns:
@@ -104,6 +106,8 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   reader = gguf.GGUFReader(path)  # memory-maps the file; tensors are read on access
   tensors = {t.name: t for t in reader.tensors}
   arch = _architecture(reader, path)
+  if dtype is None:
+    dtype = _own_dtype(tensors)
   config = _read_config(reader, arch, tensors, path, dtype)
   names = _tensor_names(config)
   _check_tensor_set(config, names, tensors, path)
@@ -124,6 +128,18 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   # conversion itself (a transpose or reshape gone wrong).
   params_lib.check(params, config, source=f"tensors converted from GGUF file {path}")
   return config, params
+
+
+def _own_dtype(tensors: dict[str, Any]) -> str:
+  """The dtype a GGUF file's weights are in: bf16/f16 when all its matrices are
+  (norms and other vectors are F32 in every llama.cpp file), else float32."""
+  kinds = {gguf.GGMLQuantizationType(t.tensor_type) for t in tensors.values()
+           if len(t.shape) > 1}
+  by_type = {gguf.GGMLQuantizationType.BF16: "bfloat16",
+             gguf.GGMLQuantizationType.F16: "float16"}
+  if len(kinds) == 1 and next(iter(kinds)) in by_type:
+    return by_type[next(iter(kinds))]
+  return "float32"
 
 
 # Metadata -> ModelConfig -------------------------------------------------------------

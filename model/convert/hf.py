@@ -246,11 +246,12 @@ def _hf_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
   return names
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
   """Convert a Hugging Face model directory into (config, canonical numpy params).
 
-  Linear weights are transposed to [in, out]; every tensor is cast to `dtype`
-  (float32 keeps bf16/f16 weights exact). Tensors are read one at a time, so peak
+  Linear weights are transposed to [in, out]; every tensor is cast to `dtype`, by
+  default the dtype config.json says the weights were saved in (a bf16 directory
+  stays bf16: half the memory of float32; float32 keeps bf16/f16 weights exact). Tensors are read one at a time, so peak
   host memory is the converted model plus one tensor.
 
   Raises:
