@@ -81,7 +81,8 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
 
 def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
            block_tables: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
-           *, impl: str = "xla") -> jax.Array:
+           *, impl: str = "xla", window: int | None = None, softcap: float | None = None,
+           scale: float | None = None) -> jax.Array:
   """Causal grouped-query attention of new queries over their sequences' pages.
 
   Args:
@@ -93,6 +94,13 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     kv_lens: [B] int32 number of valid cached tokens per sequence (including
       the new ones).
     impl: which implementation to run (see the module docstring).
+    window: sliding-window attention: a query at position p sees the keys at
+      positions p - window + 1 ... p (Mistral, Gemma's local layers); None: all
+      keys up to p.
+    softcap: `softcap * tanh(logits / softcap)` on the scaled logits before the
+      mask (Gemma 2); None: no capping.
+    scale: the logits' scale (Gemma: query_pre_attn_scalar ** -0.5); None:
+      head_dim ** -0.5.
 
   Returns [B, T, H, D] attention outputs in q's dtype.
   """
@@ -100,13 +108,17 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     raise ValueError(f"unknown attention impl {impl!r}; known: {IMPLS}")
   if impl == "auto":
     impl = resolve_impl(impl)
+  extra = dict(window=window, softcap=softcap, scale=scale)
   decode = q.shape[1] == 1
-  if decode and impl in ("pallas_gpu", "pallas_gpu_interpret"):
+  # The Pallas kernel has no window mask; windowed decode steps run the XLA route.
+  if decode and impl in ("pallas_gpu", "pallas_gpu_interpret") and window is None:
     return _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens,
-                              interpret=impl == "pallas_gpu_interpret")
+                              interpret=impl == "pallas_gpu_interpret",
+                              softcap=softcap, scale=scale)
   if decode and k_pages.shape[2] <= _BLOCK_DIAGONAL_MAX_KV_HEADS:
-    return _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens)
-  return _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens)
+    return _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens,
+                              **extra)
+  return _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, **extra)
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -129,7 +141,12 @@ def pallas_gpu_available() -> bool:
   return True
 
 
-def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
+def _cap(logits, softcap):
+  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
+def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
+                window=None, softcap=None, scale=None):
   batch, q_len, num_heads, head_dim = q.shape
   _, page_size, kv_heads, _ = k_pages.shape
   groups = num_heads // kv_heads
@@ -141,12 +158,15 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
   v = v_pages[block_tables].reshape(batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
   qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, KVH, G, D]
 
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 if scale is None else scale
   logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
                       preferred_element_type=jnp.float32) * scale  # [B, KVH, G, T, C]
+  logits = _cap(logits, softcap)
   kv_pos = jnp.arange(ctx, dtype=jnp.int32)
   visible = ((kv_pos[None, None, :] <= q_positions[:, :, None])
              & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [B, T, C]
+  if window is not None:
+    visible &= kv_pos[None, None, :] > q_positions[:, :, None] - window
   logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)  # [B, T, KVH, G, D]
@@ -161,7 +181,8 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
 _BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
-def _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
+def _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
+                       window=None, softcap=None, scale=None):
   """The reference's math for one query per sequence, shaped for the CPU.
 
   The reference contracts [B, C, KVH, D] keys with per-(batch, kv head) matmuls,
@@ -186,12 +207,15 @@ def _attend_xla_decode(q, k_pages, v_pages, block_tables, q_positions, kv_lens):
   q_block = jnp.einsum("bkgd,kj->bkdjg", qg, eye).reshape(
       batch, kv_heads * head_dim, kv_heads * groups)  # [B, KVH*D, KVH*G]
 
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 if scale is None else scale
   logits = jnp.einsum("bcx,bxj->bcj", k, q_block,
                       preferred_element_type=jnp.float32) * scale  # [B, C, KVH*G]
+  logits = _cap(logits, softcap)
   kv_pos = jnp.arange(ctx, dtype=jnp.int32)
   visible = ((kv_pos[None, :] <= q_positions[:, :1])
              & (kv_pos[None, :] < kv_lens[:, None]))  # [B, C]
+  if window is not None:
+    visible &= kv_pos[None, :] > q_positions[:, :1] - window
   logits = jnp.where(visible[:, :, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)  # [B, C, KVH*G]
   out = jnp.einsum("bcj,bcx->bjx", probs, v).reshape(
@@ -217,6 +241,7 @@ def _largest_power_of_two_divisor(n: int, limit: int) -> int:
 
 
 def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret: bool,
+                       softcap: float | None = None, scale: float | None = None,
                        k_splits: int | None = None, pages_per_compute_block: int = 8,
                        num_warps: int = 4, num_stages: int = 2):
   """Decode attention through the kernel body of JAX's Pallas paged attention
@@ -250,7 +275,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   padded_groups = -(-groups // block_h) * block_h
   head_splits = padded_groups // block_h
 
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 if scale is None else scale
   qg = (q.reshape(batch, kv_heads, groups, head_dim).astype(jnp.float32) * scale
         ).astype(q.dtype)  # [B, KVH, G, D]
   if padded_groups != groups:
@@ -260,7 +285,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   kernel = functools.partial(
       pa.paged_attention_kernel, num_heads=groups,
       pages_per_compute_block=pages_per_compute_block,
-      mask_value=pa.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None)
+      mask_value=pa.DEFAULT_MASK_VALUE, attn_logits_soft_cap=softcap)
   params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
   pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
                            lambda h, i, s, b: (0, 0, h, 0))  # one KV head's [P, S, D]

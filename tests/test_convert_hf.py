@@ -287,6 +287,9 @@ def test_qwen2_and_mistral_configs():
   mistral = transformers.MistralConfig(**SMALL, sliding_window=128).to_dict()
   config = hf.config_from_hf(mistral | {"architectures": ["MistralForCausalLM"]})
   assert not config.qkv_bias
-  assert config.max_position_embeddings == 128  # exact only within the window
+  # The window limits attention (every layer slides), not the context.
+  assert config.max_position_embeddings == 512 and config.sliding_window == 128
+  assert config.layer_window(0) == 128
   mistral["sliding_window"] = None
-  assert hf.config_from_hf(mistral).max_position_embeddings == 512
+  unwindowed = hf.config_from_hf(mistral)
+  assert unwindowed.max_position_embeddings == 512 and unwindowed.layer_window(0) is None
