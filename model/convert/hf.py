@@ -181,7 +181,7 @@ def _layer_types(hf: dict[str, Any], model_type: str, num_layers: int,
       names = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                for i in range(num_layers)]
     elif model_type == "gemma2":
-      names = ["sliding_attention" if not (i + 1) % 2 else "full_attention"
+      names = ["sliding_attention" if (i + 1) % 2 else "full_attention"
                for i in range(num_layers)]
     elif model_type in ("qwen2", "qwen3", "qwen3_moe"):
       first = int(hf.get("max_window_layers", num_layers))
