@@ -18,7 +18,9 @@ class EngineConfig:
     use (the weights), else (devices that report no memory, like CPUs)
     `cpu_kv_cache_bytes`.
   max_batch: most sequences in one decode step.
-  max_model_len: most tokens (prompt + output) of one sequence.
+  max_model_len: most tokens (prompt + output) of one sequence. None (the
+    default): the model's own limit (max_position_embeddings), capped by what
+    the KV pool holds; the Engine resolves it when it sizes the pool.
   prefill_chunk: most prompt tokens one step computes (all sequences together);
     longer prompts are prefilled in several chunks.
   max_prefill_batch: most sequences prefilled together in one step.
@@ -35,7 +37,7 @@ class EngineConfig:
   memory_fraction: float = 0.9
   cpu_kv_cache_bytes: int = 512 * 2**20
   max_batch: int = 64
-  max_model_len: int = 2048
+  max_model_len: int | None = None
   prefill_chunk: int = 512
   max_prefill_batch: int = 8
   kv_dtype: str | None = None
@@ -46,7 +48,7 @@ class EngineConfig:
   def __post_init__(self):
     for field in ("page_size", "max_batch", "max_model_len", "prefill_chunk",
                   "max_prefill_batch", "cpu_kv_cache_bytes", "max_waiting"):
-      if getattr(self, field) < 1:
+      if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
     if self.num_pages is not None and self.num_pages < 1:
       raise ValueError(f"EngineConfig.num_pages must be >= 1, got {self.num_pages}")
@@ -58,6 +60,9 @@ class EngineConfig:
 
   @property
   def max_pages_per_seq(self) -> int:
+    if self.max_model_len is None:
+      raise ValueError("EngineConfig.max_model_len is None (the model's own limit): "
+                       "the Engine resolves it; use engine.config")
     return ceil_div(self.max_model_len, self.page_size)
 
   # Step shapes. A step is one flat batch of tokens: a decode region of Bd rows

@@ -141,14 +141,19 @@ class Engine:
     split each step's rows over its data axis; None runs where the weights are.
     In a multi-process run, pass the same `peaks` to every process (measured
     peaks differ per host, and the planner's choices must not)."""
-    self.config = config = config or EngineConfig()
+    config = config or EngineConfig()
     self.model_config: ModelConfig = model.config
     self.tokenizer = tokenizer
-    if config.max_model_len > model.config.max_position_embeddings:
+    max_pos = model.config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > max_pos:
       raise ValueError(
           f"max_model_len ({config.max_model_len}) exceeds the model's "
-          f"max_position_embeddings ({model.config.max_position_embeddings})")
+          f"max_position_embeddings ({max_pos})")
     num_pages = self._size_pool(config, model.config, mesh)
+    if config.max_model_len is None:  # the model's own limit, as far as the pool holds
+      config = dataclasses.replace(
+          config, max_model_len=min(max_pos, num_pages * config.page_size))
+    self.config = config
     self.runner = Runner(model, config, num_pages, mesh=mesh)
     eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
     self.peaks = peaks or roofline.device_peaks()
@@ -188,11 +193,13 @@ class Engine:
       else:
         budget, setting = config.cpu_kv_cache_bytes, "cpu_kv_cache_bytes"
       num_pages = int(max(budget, 0) // page_bytes)
-    if num_pages < config.max_pages_per_seq:
-      need = config.max_pages_per_seq * page_bytes
+    # max_model_len None: it becomes what the pool holds, which must be a page.
+    need_pages = 1 if config.max_model_len is None else config.max_pages_per_seq
+    if num_pages < need_pages:
+      need = need_pages * page_bytes
       raise ValueError(
           f"the KV cache cannot hold one sequence of max_model_len={config.max_model_len} "
-          f"tokens: that needs {need / 2**20:.1f} MiB ({config.max_pages_per_seq} pages of "
+          f"tokens: that needs {need / 2**20:.1f} MiB ({need_pages} pages of "
           f"{page_bytes} bytes) and the pool gets {max(budget, 0) / 2**20:.1f} MiB; raise "
           f"{setting} or lower max_model_len")
     return num_pages

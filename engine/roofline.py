@@ -160,18 +160,36 @@ class StepCost:
 
 
 def _layer_matmul_params(c: ModelConfig) -> int:
-  d, f = c.hidden_size, c.intermediate_size
+  """Weights one token multiplies by in a layer: attention and the dense MLP, or
+  the router and the num_experts_per_tok experts it is routed to."""
+  d = c.hidden_size
   q = c.num_heads * c.head_dim
   kv = c.num_kv_heads * c.head_dim
-  return d * q + 2 * d * kv + q * d + 3 * d * f
+  return d * q + 2 * d * kv + q * d + c.mlp_params_per_layer(active=True)
 
 
-def weight_bytes(c: ModelConfig) -> float:
+def experts_read(c: ModelConfig, tokens: float) -> float:
+  """Expected distinct experts a layer reads for `tokens` tokens, each choosing
+  num_experts_per_tok of num_experts (uniform routing): E * (1 - (1 - k/E)^n).
+  One decode token reads k experts; a batch of 64 reads nearly all of them."""
+  if not c.is_moe:
+    return 0.0
+  e, k = c.num_experts, c.num_experts_per_tok
+  return e * (1.0 - (1.0 - k / e) ** max(tokens, 0.0))
+
+
+def weight_bytes(c: ModelConfig, tokens: float | None = None) -> float:
   """Bytes of weights one step reads: every layer, the norms and the LM head
-  (the embedding table itself is only gathered from, a few rows per token)."""
+  (the embedding table itself is only gathered from, a few rows per token).
+  An MoE layer reads only the experts its `tokens` tokens are routed to (None:
+  all of them, the worst case)."""
   itemsize = jnp.dtype(c.param_dtype).itemsize
-  per_layer = _layer_matmul_params(c) + 2 * c.hidden_size
-  return itemsize * (c.num_layers * per_layer + c.hidden_size + c.vocab_size * c.hidden_size)
+  d = c.hidden_size
+  per_layer = _layer_matmul_params(c) + (4 if c.sandwich_norms else 2) * d
+  if c.is_moe:
+    read = c.num_experts if tokens is None else experts_read(c, tokens)
+    per_layer += (read - c.num_experts_per_tok) * 3 * d * c.expert_size
+  return itemsize * (c.num_layers * per_layer + d + c.vocab_size * d)
 
 
 def step_cost(c: ModelConfig, *, new_tokens: int, logit_rows: int,
@@ -188,8 +206,8 @@ def step_cost(c: ModelConfig, *, new_tokens: int, logit_rows: int,
                 + c.vocab_size * c.hidden_size * logit_rows)
   attention = 4 * c.num_layers * c.num_heads * c.head_dim * attended
   kv_per_token = c.kv_bytes_per_token(kv_dtype)
-  return StepCost(matmul + attention, weight_bytes(c), kv_per_token * kv_read_tokens,
-                  kv_per_token * new_tokens)
+  return StepCost(matmul + attention, weight_bytes(c, new_tokens),
+                  kv_per_token * kv_read_tokens, kv_per_token * new_tokens)
 
 
 def step_rows_cost(c: ModelConfig, rows, kv_dtype=None) -> StepCost:
@@ -264,9 +282,13 @@ def measure_matmul_seconds(m: int, k: int, n: int, dtype: str = "float32", devic
 
 def matmul_shapes(c: ModelConfig) -> list[tuple[int, int, int]]:
   """(k, n, count) of the weight matmuls in one forward pass over one token."""
-  d, f = c.hidden_size, c.intermediate_size
+  d = c.hidden_size
+  f = c.expert_size if c.is_moe else c.intermediate_size
+  mlps = c.num_experts_per_tok if c.is_moe else 1  # one token's experts
   q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  layer = [(d, q, 1), (d, kv, 2), (q, d, 1), (d, f, 2), (f, d, 1)]
+  layer = [(d, q, 1), (d, kv, 2), (q, d, 1), (d, f, 2 * mlps), (f, d, mlps)]
+  if c.is_moe:
+    layer.append((d, c.num_experts, 1))  # the router
   return [(k, n, cnt * c.num_layers) for k, n, cnt in layer] + [(d, c.vocab_size, 1)]
 
 

@@ -125,9 +125,13 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.
     positions: [N] int32 absolute position of each query (-1: padding).
     layout: which tokens are decode rows and which prefill tiles (`StepLayout`).
     impl: which implementation to run (see the module docstring).
-    window: sliding window: a query at position p sees keys in (p - window, p].
-    softcap: logits become softcap * tanh(logits / softcap) (Gemma 2).
-    scale: logit scale (default head_dim ** -0.5).
+    window: sliding-window attention: a query at position p sees the keys at
+      positions p - window + 1 ... p (Mistral, Gemma's local layers); None: all
+      keys up to p.
+    softcap: `softcap * tanh(logits / softcap)` on the scaled logits before the
+      mask (Gemma 2); None: no capping.
+    scale: the logits' scale (Gemma: query_pre_attn_scalar ** -0.5); None:
+      head_dim ** -0.5.
 
   Returns [N, H, D] attention outputs in q's dtype.
   """
@@ -141,9 +145,10 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.
   outs = []
   if num_decode:
     qd = q[:num_decode]
-    if impl in ("pallas_gpu", "pallas_gpu_interpret") and window is None and softcap is None:
+    # The Pallas kernel has no window mask; windowed decode rows run the XLA route.
+    if impl in ("pallas_gpu", "pallas_gpu_interpret") and window is None:
       out = _attend_pallas_gpu(qd[:, None], k_pages, v_pages, layout.decode_tables,
-                               layout.decode_lens, scale=scale,
+                               layout.decode_lens, softcap=softcap, scale=scale,
                                interpret=impl == "pallas_gpu_interpret")[:, 0]
     else:
       out = paged_attention(qd[:, None], k_pages, v_pages, layout.decode_tables,
@@ -212,6 +217,8 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, wind
   kv_pos = jnp.arange(ctx, dtype=jnp.int32)
   visible = (_visible(kv_pos[None, None, :], q_positions[:, :, None], window)
              & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [B, T, C]
+  if window is not None:
+    visible &= kv_pos[None, None, :] > q_positions[:, :, None] - window
   logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)  # [B, T, KVH, G, D]
@@ -360,7 +367,7 @@ def _largest_power_of_two_divisor(n: int, limit: int) -> int:
 
 
 def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret: bool,
-                       scale: float | None = None,
+                       softcap: float | None = None, scale: float | None = None,
                        k_splits: int | None = None, pages_per_compute_block: int = 8,
                        num_warps: int = 4, num_stages: int = 2):
   """Decode attention through the kernel body of JAX's Pallas paged attention
@@ -404,7 +411,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   kernel = functools.partial(
       pa.paged_attention_kernel, num_heads=groups,
       pages_per_compute_block=pages_per_compute_block,
-      mask_value=pa.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None)
+      mask_value=pa.DEFAULT_MASK_VALUE, attn_logits_soft_cap=softcap)
   params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
   pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
                            lambda h, i, s, b: (0, 0, h, 0))  # one KV head's [P, S, D]

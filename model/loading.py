@@ -33,9 +33,10 @@ from model.tokenizer import Tokenizer, load_tokenizer
 TOKENIZER_DIR = "tokenizer"
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
             force: bool = False) -> None:
-  """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer)."""
+  """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer).
+  dtype None stores the weights in their own dtype (a bf16 directory stays bf16)."""
   config, params = load_foreign(source, dtype)
   tokenizer = load_tokenizer(source)
   checkpoint.save(output, params, config, force=force)
@@ -100,7 +101,7 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
           "checkpoint %s has no tokenizer (%s is missing): only token-id prompts will "
           "work; convert it again to restore the tokenizer", path, tok_dir)
   else:
-    config, params = load_foreign(path, dtype or "float32")
+    config, params = load_foreign(path, dtype)  # None: the weights' own dtype
     if mesh is not None:
       params = sharding_lib.place(params, sharding_lib.param_shardings(config, mesh))
     tokenizer = load_tokenizer(path)

@@ -11,11 +11,19 @@
      "q_bias": [heads * head_dim],           # only when config.qkv_bias
      "k_bias": [kv_heads * head_dim],        # only when config.qkv_bias
      "v_bias": [kv_heads * head_dim],        # only when config.qkv_bias
+     "q_norm": [head_dim],                   # only when config.qk_norm
+     "k_norm": [head_dim],                   # only when config.qk_norm
      "o": [heads * head_dim, hidden],
+     "post_attn_norm": [hidden],             # only when config.sandwich_norms
      "mlp_norm": [hidden],
-     "gate": [hidden, intermediate],
+     "gate": [hidden, intermediate],         # dense MLP (not config.is_moe)
      "up": [hidden, intermediate],
-     "down": [intermediate, hidden]},
+     "down": [intermediate, hidden],
+     "router": [hidden, experts],            # MoE instead of gate/up/down
+     "experts_gate": [experts, hidden, expert_size],
+     "experts_up": [experts, hidden, expert_size],
+     "experts_down": [experts, expert_size, hidden],
+     "post_mlp_norm": [hidden]},             # only when config.sandwich_norms
     ...],
   "final_norm": [hidden],
   "lm_head": [hidden, vocab],               # only when not tie_word_embeddings
@@ -50,12 +58,19 @@ def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
       "v": (d, kv_out),
       "o": (q_out, d),
       "mlp_norm": (d,),
-      "gate": (d, f),
-      "up": (d, f),
-      "down": (f, d),
   }
+  if config.is_moe:
+    e, fe = config.num_experts, config.expert_size
+    shapes.update(router=(d, e), experts_gate=(e, d, fe), experts_up=(e, d, fe),
+                  experts_down=(e, fe, d))
+  else:
+    shapes.update(gate=(d, f), up=(d, f), down=(f, d))
   if config.qkv_bias:
     shapes.update(q_bias=(q_out,), k_bias=(kv_out,), v_bias=(kv_out,))
+  if config.qk_norm:
+    shapes.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
+  if config.sandwich_norms:
+    shapes.update(post_attn_norm=(d,), post_mlp_norm=(d,))
   return shapes
 
 

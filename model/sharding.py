@@ -74,6 +74,14 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "gate": ("hidden", "mlp"),
     "up": ("hidden", "mlp"),
     "down": ("mlp", "hidden"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "post_attn_norm": ("hidden",),
+    "post_mlp_norm": ("hidden",),
+    "router": ("hidden", "router_experts"),  # small: replicated
+    "experts_gate": ("experts", "hidden", "expert_mlp"),
+    "experts_up": ("experts", "hidden", "expert_mlp"),
+    "experts_down": ("experts", "expert_mlp", "hidden"),
 }
 # One K or V page pool: [pages, page_size, kv_heads, head_dim].
 KV_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
@@ -93,6 +101,11 @@ class ShardingRules:
   mlp: str | None = MODEL
   vocab: str | None = MODEL
   table_width: str | None = MODEL
+  # MoE: whole experts over `model` (expert parallelism) when the expert count
+  # divides it, else each expert's width over `model` (tensor parallelism within
+  # experts), like the dense MLP's.
+  experts: str | None = MODEL
+  expert_mlp: str | None = MODEL
 
 
 # Mesh shapes ---------------------------------------------------------------------
@@ -246,6 +259,23 @@ def plan(config: ModelConfig, mesh: Mesh | MeshShape,
   assign("mlp", config.intermediate_size % sizes[rules.mlp] == 0,
          f"gate, up and down replicated (intermediate size {config.intermediate_size}, "
          f"{rules.mlp}={sizes[rules.mlp]})")
+  if config.is_moe:
+    me = sizes[rules.experts]
+    axes["expert_mlp"] = None
+    if config.num_experts % me == 0:
+      axes["experts"] = rules.experts
+      if me > 1:
+        notes.append(f"experts: expert parallelism, {config.num_experts // me} of "
+                     f"{config.num_experts} experts per device ({rules.experts}={me})")
+    else:
+      axes["experts"] = None
+      mf = sizes[rules.expert_mlp]
+      if assign("expert_mlp", config.expert_size % mf == 0,
+                f"experts replicated (neither {config.num_experts} experts nor expert width "
+                f"{config.expert_size} divides {rules.expert_mlp}={mf})"):
+        notes.append(f"experts: tensor parallelism within experts ({config.num_experts} "
+                     f"experts do not divide {rules.experts}={me}; width "
+                     f"{config.expert_size} split {mf} ways)")
   mv = sizes[rules.vocab]
   axes["table_width"] = None
   if not assign("vocab", config.vocab_size % mv == 0,

@@ -48,6 +48,27 @@ END_OF_TURN_TOKENS = (
     "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>",
 )
 
+# Gemma's turn format, for GGUF files that carry no template: user and model
+# turns between <start_of_turn> and <end_of_turn>, a system message folded into
+# the first user turn (Gemma has no system role), content trimmed.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+DEFAULT_CHAT_TEMPLATES = {"gemma2": GEMMA_CHAT_TEMPLATE, "gemma3": GEMMA_CHAT_TEMPLATE}
+
 # How many already-emitted tokens the detokenizer decodes in front of new ones.
 # A suffix decoded alone can lose text (sentencepiece drops the leading space of
 # "▁word"; a byte-level token may start mid-character), so new text is always
@@ -133,10 +154,16 @@ class _SentencePieceBackend:
   HF's legacy Llama tokenizer, each piece then gets the dummy-prefix space.
   """
 
-  def __init__(self, processor: sentencepiece.SentencePieceProcessor):
+  def __init__(self, processor: sentencepiece.SentencePieceProcessor,
+               whole_pieces: Sequence[str] = ()):
+    """`whole_pieces`: more pieces matched whole in the raw text: a GGUF's
+    user-defined ones. Gemma's runs of spaces ("  ", 138) are user-defined pieces
+    sentencepiece never sees once it has escaped spaces to "▁"; transformers
+    matches them in the text, as added tokens."""
     self.processor = processor
     controls = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
                 if processor.is_control(i) and processor.id_to_piece(i)]
+    controls += [p for p in whole_pieces if p]
     controls.sort(key=len, reverse=True)  # Longest first: "<s>" must not win over "<s>x".
     self._control_re = re.compile("|".join(map(re.escape, controls))) if controls else None
 
@@ -173,7 +200,8 @@ class _SentencePieceBackend:
 
   def token_to_id(self, token: str) -> int | None:
     token_id = self.processor.piece_to_id(token)
-    if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id):
+    if token_id < 0 or (token_id == self.processor.unk_id()
+                        and token != self.processor.id_to_piece(token_id)):
       return None
     return token_id
 
@@ -353,13 +381,22 @@ class Tokenizer:
       backend = _HFBackend(_byte_level_bpe_from_gguf(meta))
       default_add_bos = meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE
     elif kind == "llama":
+      types = meta.get("tokenizer.ggml.token_type") or []
+      unk = meta.get("tokenizer.ggml.unknown_token_id")
+      user_defined = [t for i, (t, kind) in enumerate(zip(meta["tokenizer.ggml.tokens"], types))
+                      if kind == gguf.TokenType.USER_DEFINED
+                      or (i == unk and kind == gguf.TokenType.CONTROL)]  # see the proto
       backend = _SentencePieceBackend(sentencepiece.SentencePieceProcessor(
-          model_proto=_sentencepiece_proto_from_gguf(meta)))
+          model_proto=_sentencepiece_proto_from_gguf(meta)), user_defined)
       default_add_bos = True  # llama.cpp's default for sentencepiece files.
     else:
       raise ValueError(f"unsupported GGUF tokenizer model {kind!r} in {path} "
                        "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece)")
     template = meta.get("tokenizer.chat_template")
+    arch = reader.get_field("general.architecture")
+    if template is None and arch is not None:
+      # Files converted from a base model carry no template (Gemma 3 270M's does not).
+      template = DEFAULT_CHAT_TEMPLATES.get(arch.contents())
     return cls(backend, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                eos_ids=_eos_ids(backend, meta.get("tokenizer.ggml.eos_token_id"),
                                 [meta.get("tokenizer.ggml.eot_token_id"),
@@ -489,7 +526,12 @@ def _sentencepiece_proto_from_gguf(meta: Mapping[str, Any]) -> bytes:
   scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
   types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
   proto = sentencepiece_model_pb2.ModelProto()
-  for token, score, kind in zip(tokens, scores, types):
+  unk = meta.get("tokenizer.ggml.unknown_token_id")
+  for i, (token, score, kind) in enumerate(zip(tokens, scores, types)):
+    # Gemma's files mark <unk> CONTROL; sentencepiece needs it UNKNOWN to have an
+    # unk id at all (its original model does).
+    if i == unk and kind == gguf.TokenType.CONTROL:
+      kind = gguf.TokenType.UNKNOWN
     proto.pieces.add(piece=token, score=score, type=int(kind))
   spec = proto.trainer_spec
   spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE

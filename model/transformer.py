@@ -1,7 +1,14 @@
-"""A Llama-family decoder in Flax NNX: Llama 2/3, SmolLM2, Qwen2.
+"""The decoder in Flax NNX: Llama 2/3, SmolLM2, Qwen2/3, Mistral, Gemma 2/3, Mixtral,
+Qwen3-MoE, as one code path whose differences are ModelConfig switches.
 
-embed -> N x [RMSNorm -> GQA attention with RoPE -> residual,
-              RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> logits
+embed (x sqrt(D) for Gemma)
+  -> N x [RMSNorm -> GQA attention with RoPE (q/k norm, sliding window, soft-cap
+          where configured) -> (post-attention norm) -> residual,
+          RMSNorm -> gated MLP (SwiGLU / GeGLU) or routed experts
+          -> (post-MLP norm) -> residual]
+  -> RMSNorm -> logits (soft-capped where configured)
+
+The per-token math lives in model/layers.py.
 
 The module holds only weights. The KV cache is a separate pytree (one K and one V
 page pool per layer) that goes in and comes back out of every call, so a jitted
@@ -29,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from model import attention
+from model import layers as layers_lib
 from model import params as params_lib
 from model import sharding as sharding_lib
 from model.config import ModelConfig
@@ -37,11 +45,14 @@ from model.config import ModelConfig
 KVPages = tuple[tuple[jax.Array, jax.Array], ...]
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """Inverse RoPE frequencies [Dh/2], with llama3 or linear scaling applied."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse RoPE frequencies [Dh/2], with llama3 or linear scaling applied.
+  `local`: those of the sliding layers that have their own base (Gemma 3's
+  rope_local_theta, unscaled)."""
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-  scaling = config.rope_scaling
+  theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  scaling = None if local and config.rope_local_theta else config.rope_scaling
   if scaling is None:
     return inv_freq.astype(np.float32)
   if scaling.type == "linear":
@@ -69,11 +80,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm computed in float32, scaled in the compute dtype (as transformers does)."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return weight.astype(x.dtype) * normed.astype(x.dtype)
+rms_norm = layers_lib.rms_norm  # (x, weight, eps, offset=0.0): see model/layers.py
 
 
 def _init(shape: tuple[int, ...], name: str, dtype, rngs: nnx.Rngs) -> jax.Array:
@@ -87,8 +94,9 @@ def _init(shape: tuple[int, ...], name: str, dtype, rngs: nnx.Rngs) -> jax.Array
 class Block(nnx.Module):
   """One decoder layer. Weights are named as in `params.layer_shapes`."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
     self.config = config
+    self.window = config.layer_window(layer)  # static: None or the sliding window
     for name, shape in params_lib.layer_shapes(config).items():
       setattr(self, name, nnx.Param(_init(shape, name, config.weight_dtype, rngs)))
 
@@ -97,8 +105,9 @@ class Block(nnx.Module):
     cfg = self.config
     dtype = cfg.dtype
     n = x.shape[0]
+    eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
 
-    h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)  # [N, D]
+    h = rms_norm(x, self.attn_norm[...], eps, offset)  # [N, D]
     q = jnp.einsum("nd,dh->nh", h, self.q[...].astype(dtype))
     k = jnp.einsum("nd,dh->nh", h, self.k[...].astype(dtype))
     v = jnp.einsum("nd,dh->nh", h, self.v[...].astype(dtype))
@@ -109,6 +118,9 @@ class Block(nnx.Module):
     q = q.reshape(n, cfg.num_heads, cfg.head_dim)  # [N, H, Dh]
     k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
     v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
+    if cfg.qk_norm:  # per head, over Dh
+      q = rms_norm(q, self.q_norm[...], eps, offset)
+      k = rms_norm(k, self.k_norm[...], eps, offset)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
 
@@ -119,15 +131,27 @@ class Block(nnx.Module):
     k_pages = sharding_lib.constrain(k_pages, sharding_lib.KV_AXES)
     v_pages = sharding_lib.constrain(v_pages, sharding_lib.KV_AXES)
     attn = attention.attend(q, k_pages, v_pages, positions, layout,
-                            impl=attention_impl)  # [N, H, Dh]
+                            impl=attention_impl, window=self.window,
+                            softcap=cfg.attn_softcap,
+                            scale=cfg.attention_scale)  # [N, H, Dh]
     attn = attn.reshape(n, cfg.num_heads * cfg.head_dim)
-    x = x + jnp.einsum("nh,hd->nd", attn, self.o[...].astype(dtype))
+    h = jnp.einsum("nh,hd->nd", attn, self.o[...].astype(dtype))
+    if cfg.sandwich_norms:
+      h = rms_norm(h, self.post_attn_norm[...], eps, offset)
+    x = x + h
 
-    h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
-    gate = jnp.einsum("nd,df->nf", h, self.gate[...].astype(dtype))
-    up = jnp.einsum("nd,df->nf", h, self.up[...].astype(dtype))
-    x = x + jnp.einsum("nf,fd->nd", jax.nn.silu(gate) * up, self.down[...].astype(dtype))
-    return x, (k_pages, v_pages)
+    h = rms_norm(x, self.mlp_norm[...], eps, offset)
+    if cfg.is_moe:
+      h = layers_lib.moe_mlp(h, self.router[...], self.experts_gate[...],
+                             self.experts_up[...], self.experts_down[...],
+                             top_k=cfg.num_experts_per_tok, normalize=cfg.norm_topk_prob,
+                             act=cfg.activation)
+    else:
+      h = layers_lib.gated_mlp(h, self.gate[...], self.up[...], self.down[...],
+                               cfg.activation)
+    if cfg.sandwich_norms:
+      h = rms_norm(h, self.post_mlp_norm[...], eps, offset)
+    return x + h, (k_pages, v_pages)
 
 
 class Transformer(nnx.Module):
@@ -140,12 +164,13 @@ class Transformer(nnx.Module):
     dtype = config.weight_dtype
     shapes = params_lib.param_shapes(config)
     self.embed = nnx.Param(_init(shapes["embed"], "embed", dtype, rngs))
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = nnx.Param(jnp.ones(shapes["final_norm"], dtype))
     if not config.tie_word_embeddings:
       self.lm_head = nnx.Param(_init(shapes["lm_head"], "lm_head", dtype, rngs))
     # A constant, not a parameter: not saved, not sharded, folded by XLA.
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))
+    self.inv_freq_local = nnx.Variable(jnp.asarray(rope_inv_freq(config, local=True)))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages,
                slots: jax.Array, layout: attention.StepLayout,
@@ -166,23 +191,23 @@ class Transformer(nnx.Module):
     Returns (float32 logits [R, V] or [N, V], updated page pools).
     """
     cfg = self.config
-    x = self.embed[...][tokens].astype(cfg.dtype)  # [N, D]
-    inv_freq = self.inv_freq[...]
+    x = layers_lib.embed(self.embed[...], tokens, cfg.dtype, cfg.embed_scale)  # [N, D]
     new_kv = []
-    for layer, layer_kv in zip(self.layers, kv):
+    for i, (layer, layer_kv) in enumerate(zip(self.layers, kv)):
+      inv_freq = (self.inv_freq_local if cfg.layer_uses_local_rope(i) else self.inv_freq)[...]
       x, layer_kv = layer(x, positions, inv_freq, layer_kv, slots, layout,
                           self.attention_impl)
       new_kv.append(layer_kv)
     if logits_indices is not None:
       x = x[logits_indices]  # [R, D]
-    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_weight_offset)
     if cfg.tie_word_embeddings:
       logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(cfg.dtype),
                           preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(cfg.dtype),
                           preferred_element_type=jnp.float32)
-    return logits, tuple(new_kv)
+    return layers_lib.softcap(logits, cfg.final_softcap), tuple(new_kv)
 
 
 # Weights in and out ------------------------------------------------------------
@@ -202,6 +227,7 @@ def from_params(config: ModelConfig, params: params_lib.Params,
     owner, attr = _owner(model, name)
     getattr(owner, attr).set_value(_as_array(value, config.weight_dtype))
   model.inv_freq.set_value(jnp.asarray(rope_inv_freq(config)))
+  model.inv_freq_local.set_value(jnp.asarray(rope_inv_freq(config, local=True)))
   return model
 
 

@@ -13,7 +13,8 @@ from ridgeline_cli import _app
 
 flags.DEFINE_string("input", None, ".gguf file or Hugging Face directory.", required=True)
 flags.DEFINE_string("output", None, "Orbax checkpoint directory to write.", required=True)
-flags.DEFINE_string("dtype", "float32", "Dtype of the stored weights.")
+flags.DEFINE_string("dtype", None, "Dtype of the stored weights (default: the source's own; "
+                    "quantized GGUF tensors dequantize to float32).")
 flags.DEFINE_bool("force", False, "Replace an existing checkpoint at --output.")
 FLAGS = flags.FLAGS
 

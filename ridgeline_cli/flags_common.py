@@ -26,7 +26,9 @@ flags.DEFINE_integer("kv_cache_mb", 512, "KV-cache budget in MiB on a CPU when -
                      "unset (accelerators use --memory_fraction of their memory).")
 flags.DEFINE_float("memory_fraction", 0.9, "Fraction of accelerator memory for weights + KV cache.")
 flags.DEFINE_integer("max_batch", 64, "Most sequences in one decode step.")
-flags.DEFINE_integer("max_model_len", 2048, "Most tokens (prompt + output) per sequence.")
+flags.DEFINE_integer("max_model_len", None, "Most tokens (prompt + output) per sequence "
+                     "(default: the model's max_position_embeddings, capped by what the "
+                     "KV cache holds).")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
 flags.DEFINE_bool("precompile", True,

@@ -113,7 +113,7 @@ def test_qwen2_bf16_sharded_weights_and_config(qwen2_bf16_sharded_dir):
   with safe_open(str(path / sorted(set(index["weight_map"].values()))[0]), "numpy") as f:
     assert f.get_slice(next(iter(f.keys()))).get_dtype() == "BF16"
 
-  config, params = hf.load_hf(path, dtype="bfloat16")
+  config, params = hf.load_hf(path)  # the weights' own dtype by default
   assert config.qkv_bias and config.tie_word_embeddings
   assert config.rope_theta == 1e6 and config.rope_scaling is None
   assert config.param_dtype == "bfloat16"
@@ -121,7 +121,7 @@ def test_qwen2_bf16_sharded_weights_and_config(qwen2_bf16_sharded_dir):
   assert params["layers"][1]["k_bias"].shape == (32,)
   assert_matches_state_dict(params, state, config)  # bf16 -> bf16: bit for bit
 
-  config32, params32 = hf.load_hf(path)  # bf16 -> f32 is exact too
+  config32, params32 = hf.load_hf(path, dtype="float32")  # bf16 -> f32 is exact too
   assert config32.param_dtype == "float32"
   assert_matches_state_dict(params32, state, config32)
 
@@ -287,6 +287,9 @@ def test_qwen2_and_mistral_configs():
   mistral = transformers.MistralConfig(**SMALL, sliding_window=128).to_dict()
   config = hf.config_from_hf(mistral | {"architectures": ["MistralForCausalLM"]})
   assert not config.qkv_bias
-  assert config.max_position_embeddings == 128  # exact only within the window
+  # The window limits attention (every layer slides), not the context.
+  assert config.max_position_embeddings == 512 and config.sliding_window == 128
+  assert config.layer_window(0) == 128
   mistral["sliding_window"] = None
-  assert hf.config_from_hf(mistral).max_position_embeddings == 512
+  unwindowed = hf.config_from_hf(mistral)
+  assert unwindowed.max_position_embeddings == 512 and unwindowed.layer_window(0) is None

@@ -209,7 +209,8 @@ def build(model, tokenizer, config, needs: Needs, options: Options, *,
   from engine.engine import Engine
   from model import attention as attention_lib
 
-  max_len = max(min(config.max_model_len, model.config.max_position_embeddings),
+  max_len = max(min(config.max_model_len or needs.max_len,
+                    model.config.max_position_embeddings),
                 needs.max_len)
   config = dataclasses.replace(
       config, max_model_len=cdiv(max_len, config.page_size) * config.page_size,

@@ -10,8 +10,12 @@ from model.config import ModelConfig
 from model.params import Params
 
 
-def load_foreign(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
-  """A GGUF file or a Hugging Face model directory, chosen by what `path` is."""
+def load_foreign(path: str | os.PathLike, dtype: str | None = None,
+                 ) -> tuple[ModelConfig, Params]:
+  """A GGUF file or a Hugging Face model directory, chosen by what `path` is.
+
+  dtype None keeps the weights' own dtype (see each converter).
+  """
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")

@@ -43,7 +43,11 @@ from model import params as params_lib
 from model.config import ModelConfig, RopeScaling
 from model.params import Params
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
+_GEMMA = ("gemma2", "gemma3")
+# llama.cpp's graph for these routes every layer through experts when the file has
+# them (Mixtral is "llama" with expert tensors); Qwen3-MoE renormalises the top k.
+_MOE_ARCHITECTURES = ("llama", "qwen3moe")
 
 # Architectures whose q/k rows llama.cpp's converter interleaves for its GPT-J style
 # rotation (see the module docstring); the others keep Hugging Face's order.
@@ -64,13 +68,22 @@ _LAYER_TENSORS = {
     "k_bias": "blk.{}.attn_k.bias",
     "v_bias": "blk.{}.attn_v.bias",
     "o": "blk.{}.attn_output.weight",
-    "mlp_norm": "blk.{}.ffn_norm.weight",
+    "mlp_norm": "blk.{}.ffn_norm.weight",  # Gemma's pre-feedforward norm too
     "gate": "blk.{}.ffn_gate.weight",
     "up": "blk.{}.ffn_up.weight",
     "down": "blk.{}.ffn_down.weight",
+    "q_norm": "blk.{}.attn_q_norm.weight",
+    "k_norm": "blk.{}.attn_k_norm.weight",
+    "post_attn_norm": "blk.{}.post_attention_norm.weight",
+    "post_mlp_norm": "blk.{}.post_ffw_norm.weight",
+    "router": "blk.{}.ffn_gate_inp.weight",
+    "experts_gate": "blk.{}.ffn_gate_exps.weight",
+    "experts_up": "blk.{}.ffn_up_exps.weight",
+    "experts_down": "blk.{}.ffn_down_exps.weight",
 }
-# Stored [out, in] in GGUF, [in, out] in our tree.
-_TRANSPOSED = frozenset({"q", "k", "v", "o", "gate", "up", "down", "lm_head"})
+# Stored [out, in] in GGUF, [in, out] in our tree (experts: [E, out, in] -> [E, in, out]).
+_TRANSPOSED = frozenset({"q", "k", "v", "o", "gate", "up", "down", "lm_head", "router",
+                         "experts_gate", "experts_up", "experts_down"})
 # Tensors that describe the model rather than hold weights; read into the config.
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -82,13 +95,15 @@ _LLAMA3_DEFAULT_HIGH_FREQ_FACTOR = 4.0
 _MISSING = object()
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
   """Reads a llama/qwen2 GGUF file into (config, canonical numpy parameter tree).
 
   Args:
     path: the `.gguf` file (a single file; split files are not supported).
     dtype: numpy/JAX dtype name of the returned arrays ("float32", "bfloat16", ...);
-      also the config's param and compute dtype. Quantized tensors are dequantized
+      also the config's param and compute dtype. None: the file's own (bfloat16 or
+      float16 when every matrix is stored so, else float32, the exact value of
+      every quantized format). Quantized tensors are dequantized
       to float32 first, then cast, so the cast is the only rounding added.
 
   Returns:
@@ -104,6 +119,8 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
   reader = open_gguf(path)
   tensors = {t.name: t for t in reader.tensors}
   arch = _architecture(reader, path)
+  if dtype is None:
+    dtype = _own_dtype(tensors)
   config = _read_config(reader, arch, tensors, path, dtype)
   names = _tensor_names(config)
   _check_tensor_set(config, names, tensors, path)
@@ -118,6 +135,10 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelCon
       w = _unpermute_rope_rows(w, config.num_heads)
     elif arch in _PERMUTED_QK_ARCHITECTURES and leaf in ("k", "k_bias"):
       w = _unpermute_rope_rows(w, config.num_kv_heads)
+    if arch in _GEMMA and leaf.endswith("norm"):
+      # llama.cpp's converter stores Gemma's norm weights plus one (its graph
+      # multiplies by the weight); our tree keeps transformers' (1 + w) convention.
+      w = w - np.float32(1.0)
     flat[name] = _to_output(w, tensor, np_dtype, transpose=leaf in _TRANSPOSED)
   params = params_lib.unflatten(flat, config)
   # Shapes were already checked against the file's tensor table; this guards the
@@ -134,6 +155,18 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
   except Exception as e:  # noqa: BLE001 -- ValueError, struct.error, OSError ...
     raise ValueError(f"{os.fspath(path)} is not a readable GGUF file: "
                      f"{type(e).__name__}: {e}") from e
+
+
+def _own_dtype(tensors: dict[str, Any]) -> str:
+  """The dtype a GGUF file's weights are in: bf16/f16 when all its matrices are
+  (norms and other vectors are F32 in every llama.cpp file), else float32."""
+  kinds = {gguf.GGMLQuantizationType(t.tensor_type) for t in tensors.values()
+           if len(t.shape) > 1}
+  by_type = {gguf.GGMLQuantizationType.BF16: "bfloat16",
+             gguf.GGMLQuantizationType.F16: "float16"}
+  if len(kinds) == 1 and next(iter(kinds)) in by_type:
+    return by_type[next(iter(kinds))]
+  return "float32"
 
 
 # Metadata -> ModelConfig -------------------------------------------------------------
@@ -212,14 +245,49 @@ def _read_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any], pa
 
   rope_theta = _float(_field(reader, k("rope.freq_base"), path, 10000.0))
   name = _field(reader, "general.name", path, None) or os.path.splitext(os.path.basename(path))[0]
+  num_layers = int(_field(reader, k("block_count"), path))
+  extra: dict[str, Any] = {}
+  experts = int(_field(reader, k("expert_count"), path, 0) or 0)
+  if experts:
+    if arch not in _MOE_ARCHITECTURES:
+      raise ValueError(f"GGUF file {path}: experts in a {arch!r} file are not supported")
+    if _field(reader, k("expert_shared_count"), path, 0):
+      raise ValueError(f"GGUF file {path}: shared experts are not supported")
+    extra.update(num_experts=experts,
+                 num_experts_per_tok=int(_field(reader, k("expert_used_count"), path)),
+                 norm_topk_prob=True,  # llama.cpp renormalises for mixtral and qwen3moe
+                 moe_intermediate_size=_field(reader, k("expert_feed_forward_length"), path,
+                                              None))
+  if arch in _GEMMA:
+    # What llama.cpp's gemma2/gemma3 graphs hard-code (llama-model.cpp): every 2nd
+    # (gemma2: even layers) or all but every 6th layer (gemma3) slides; local RoPE
+    # base 10000; attention scale 1/sqrt(head_dim), except the 27B models (62 and
+    # 46 layers), whose scale is 1/sqrt(hidden / heads).
+    window = _field(reader, k("attention.sliding_window"), path, None)
+    pattern = 2 if arch == "gemma2" else 6
+    types = tuple("sliding" if (i + 1) % pattern else "full" for i in range(num_layers))
+    big = (arch, num_layers) in (("gemma2", 46), ("gemma3", 62))
+    extra.update(
+        norm_weight_offset=1.0, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+        sliding_window=None if window is None else int(window),
+        layer_types=None if window is None else types,
+        query_pre_attn_scalar=float(hidden // num_heads if big else head_dim),
+        attn_softcap=_field(reader, k("attn_logit_softcapping"), path, None),
+        final_softcap=_field(reader, k("final_logit_softcapping"), path, None))
+    if arch == "gemma3":
+      extra["rope_local_theta"] = _float(_field(reader, k("rope.freq_base_swa"), path, 10000.0))
+  for cap in ("attn_softcap", "final_softcap"):
+    if extra.get(cap) is not None:
+      extra[cap] = _float(extra[cap])
   return ModelConfig(
       vocab_size=int(vocab),
       hidden_size=hidden,
-      num_layers=int(_field(reader, k("block_count"), path)),
+      num_layers=num_layers,
       num_heads=num_heads,
       num_kv_heads=num_kv_heads,
       head_dim=head_dim,
-      intermediate_size=int(_scalar(reader, k("feed_forward_length"), path)),
+      intermediate_size=int(_scalar(reader, k("feed_forward_length"), path,
+                                    _field(reader, k("expert_feed_forward_length"), path, 0))),
       rope_theta=rope_theta,
       rope_scaling=_rope_scaling(reader, arch, tensors, rope_theta, head_dim, path),
       rms_norm_eps=_float(_field(reader, k("attention.layer_norm_rms_epsilon"), path, 1e-5)),
@@ -229,6 +297,8 @@ def _read_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, Any], pa
       param_dtype=dtype,
       compute_dtype=dtype,
       name=str(name),
+      qk_norm="blk.0.attn_q_norm.weight" in tensors,
+      **extra,
   )
 
 
@@ -370,7 +440,7 @@ def _check_tensor_set(config: ModelConfig, names: dict[str, str], tensors: dict[
   for name, gguf_name in names.items():
     shape = _gguf_shape(tensors[gguf_name])
     if name.rsplit(".", 1)[-1] in _TRANSPOSED:
-      shape = shape[::-1]
+      shape = (*shape[:-2], shape[-1], shape[-2])
     shapes[name] = np.broadcast_to(np.float32(0), shape)  # no memory behind it
   params_lib.check(params_lib.unflatten(shapes, config), config,
                    source=f"tensors in GGUF file {path}")
@@ -420,6 +490,6 @@ def _to_output(w: np.ndarray, tensor: Any, dtype: np.dtype, transpose: bool) -> 
   already a fresh array, and the transpose and cast happen in the one copy.
   """
   if transpose:
-    w = w.T
+    w = np.swapaxes(w, -1, -2)  # [out, in] -> [in, out], per expert for 3-D tensors
   must_copy = np.may_share_memory(w, tensor.data)
   return np.array(w, dtype=dtype, order="C", copy=True if must_copy else None)

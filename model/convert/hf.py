@@ -1,13 +1,14 @@
 """Hugging Face safetensors model directories -> (ModelConfig, canonical params).
 
 Reads `config.json` and `model.safetensors` (or the shards listed in
-`model.safetensors.index.json`) of a Llama, Mistral or Qwen2 causal LM. Only the
-weights are converted; the tokenizer is model/tokenizer.py's job.
+`model.safetensors.index.json`) of a Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text), Mixtral or Qwen3-MoE causal LM, as `save_pretrained` writes them.
+Only the weights are converted; the tokenizer is model/tokenizer.py's job.
 
 Conversion is strict on purpose: a tensor our network has no place for (an o_proj
-bias, an MLP bias) or a feature it does not implement (yarn RoPE, a non-SiLU MLP)
-raises instead of being dropped, because dropping it would give a model that loads
-and runs but produces wrong logits.
+bias, an MLP bias) or a feature it does not implement (yarn RoPE, dense layers
+between MoE layers) raises instead of being dropped, because dropping it would
+give a model that loads and runs but produces wrong logits.
 """
 
 from __future__ import annotations
@@ -30,15 +31,27 @@ from model.params import Params
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# architecture -> model_type; all three share Llama's tensor names and math here.
+# architecture -> model_type.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+_GEMMA = ("gemma2", "gemma3_text")
+# Architectures people reach for that are refused, with the reason.
+_REFUSED = {
+    "Gemma3ForConditionalGeneration": "the vision tower is not implemented; convert the "
+                                      "text model (Gemma3ForCausalLM) instead",
+    "Qwen2MoeForCausalLM": "shared experts are not implemented",
 }
 
 # Our per-layer name -> (HF name inside model.layers.N, is a Linear weight to transpose).
-_LAYER_TENSORS = {
+_ATTENTION_TENSORS = {
     "attn_norm": ("input_layernorm.weight", False),
     "q": ("self_attn.q_proj.weight", True),
     "k": ("self_attn.k_proj.weight", True),
@@ -46,11 +59,36 @@ _LAYER_TENSORS = {
     "q_bias": ("self_attn.q_proj.bias", False),
     "k_bias": ("self_attn.k_proj.bias", False),
     "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
     "o": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
+}
+_DENSE_MLP = {
     "gate": ("mlp.gate_proj.weight", True),
     "up": ("mlp.up_proj.weight", True),
     "down": ("mlp.down_proj.weight", True),
+}
+_LAYER_TENSORS = {
+    **_ATTENTION_TENSORS, **_DENSE_MLP,
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+}
+# Gemma's four norms: HF's post_attention_layernorm follows attention there.
+_GEMMA_LAYER_TENSORS = {
+    **_ATTENTION_TENSORS, **_DENSE_MLP,
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", False),
+}
+# MoE: (router name, per-expert name pattern for our gate / up / down).
+_MOE_TENSORS = {
+    "mixtral": ("block_sparse_moe.gate.weight",
+                {"experts_gate": "block_sparse_moe.experts.{}.w1.weight",
+                 "experts_up": "block_sparse_moe.experts.{}.w3.weight",
+                 "experts_down": "block_sparse_moe.experts.{}.w2.weight"}),
+    "qwen3_moe": ("mlp.gate.weight",
+                  {"experts_gate": "mlp.experts.{}.gate_proj.weight",
+                   "experts_up": "mlp.experts.{}.up_proj.weight",
+                   "experts_down": "mlp.experts.{}.down_proj.weight"}),
 }
 _TOP_TENSORS = {
     "embed": ("model.embed_tokens.weight", False),
@@ -81,20 +119,35 @@ def _architecture(hf: dict[str, Any]) -> str:
     raise ValueError("config.json names no model: it has neither 'architectures' nor "
                      f"'model_type' (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
   named = archs or [hf.get("model_type")]
+  why = next((f" ({a}: {_REFUSED[a]})" for a in archs if a in _REFUSED), "")
   raise ValueError(
-      f"unsupported Hugging Face architecture {named}; supported: "
+      f"unsupported Hugging Face architecture {named}{why}; supported: "
       f"{sorted(SUPPORTED_ARCHITECTURES)}")
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-  """(rope_theta, scaling) from either config layout.
+def _rope_params(hf: dict[str, Any], model_type: str) -> tuple[dict, dict | None]:
+  """(global RoPE parameters, local-layer RoPE parameters or None).
 
-  transformers >= 5 writes `rope_parameters` {"rope_type", "rope_theta", ...};
-  older files have a top-level `rope_theta` and `rope_scaling` {"rope_type" or
-  "type", ...}.
+  transformers >= 5 writes `rope_parameters` {"rope_type", "rope_theta", ...}, and
+  for Gemma 3 one such dict per layer type; older files have a top-level
+  `rope_theta` and `rope_scaling` {"rope_type" or "type", ...} (and Gemma 3's
+  `rope_local_base_freq`).
   """
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope = hf.get("rope_parameters") or {}
+  if "full_attention" in rope or "sliding_attention" in rope:
+    return dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+  rope = dict(rope or hf.get("rope_scaling") or {})
+  rope.setdefault("rope_theta", hf.get("rope_theta", 1e6 if model_type == "gemma3_text"
+                                       else 10000.0))
+  local = None
+  if model_type == "gemma3_text":
+    local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+  return rope, local
+
+
+def _rope(rope: dict[str, Any], where: str = "") -> tuple[float, RopeScaling | None]:
+  """(rope_theta, scaling) from one RoPE parameter dict."""
+  theta = float(rope.get("rope_theta", 10000.0))
   kind = rope.get("rope_type", rope.get("type")) or "default"
   if kind == "default":
     return theta, None
@@ -107,17 +160,46 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         low_freq_factor=float(rope["low_freq_factor"]),
         high_freq_factor=float(rope["high_freq_factor"]),
         original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-  raise ValueError(f"unsupported RoPE scaling type {kind!r}; supported: default, linear, llama3")
+  raise ValueError(f"unsupported RoPE scaling type {kind!r}{where}; supported: default, "
+                   "linear, llama3")
 
 
-def _uses_sliding_window(hf: dict[str, Any], model_type: str) -> bool:
-  if hf.get("sliding_window") is None:
-    return False
-  if "sliding_attention" in (hf.get("layer_types") or []):
-    return True
-  if model_type == "qwen2":
-    return bool(hf.get("use_sliding_window", False))
-  return model_type == "mistral"
+def _layer_types(hf: dict[str, Any], model_type: str, num_layers: int,
+                 ) -> tuple[int | None, tuple[str, ...] | None]:
+  """(sliding_window, per-layer types) as transformers decides them.
+
+  `layer_types` in the file wins (Qwen2/3, Gemma 2/3 write it); else Mistral and
+  Mixtral slide every layer when `sliding_window` is set, Qwen2/3 only with
+  `use_sliding_window`, and Gemma 3 slides all but every `sliding_window_pattern`-th.
+  """
+  window = hf.get("sliding_window")
+  if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window"):
+    window = None
+  if window is None:
+    return None, None
+  names = hf.get("layer_types")
+  if names is None:
+    if model_type == "gemma3_text":
+      pattern = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+      names = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+               for i in range(num_layers)]
+    elif model_type == "gemma2":
+      names = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+               for i in range(num_layers)]
+    elif model_type in ("qwen2", "qwen3", "qwen3_moe"):
+      first = int(hf.get("max_window_layers", num_layers))
+      names = ["sliding_attention" if i >= first else "full_attention"
+               for i in range(num_layers)]
+    else:
+      names = ["sliding_attention"] * num_layers
+  known = {"full_attention": "full", "sliding_attention": "sliding"}
+  bad = sorted(set(names) - set(known))
+  if bad:
+    raise ValueError(f"unsupported layer_types {bad}; supported: {sorted(known)}")
+  types = tuple(known[n] for n in names)
+  if "sliding" not in types:
+    return None, None
+  return int(window), types
 
 
 def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> ModelConfig:
@@ -134,49 +216,93 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> Model
   hf = hf_config
   arch = _architecture(hf)
   model_type = SUPPORTED_ARCHITECTURES[arch]
-  required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size")
+  gemma = model_type in _GEMMA
+  moe = model_type in _MOE_TENSORS
+  if moe and hf.get("num_local_experts") is None:
+    # transformers 5 writes num_local_experts for every MoE; Qwen's own files say num_experts.
+    hf = {**hf, "num_local_experts": hf.get("num_experts")}
+  required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+  required += ["num_local_experts", "num_experts_per_tok"] if moe else []
+  required += ["moe_intermediate_size"] if model_type == "qwen3_moe" else ["intermediate_size"]
   absent = [k for k in required if hf.get(k) is None]
   if absent:
     raise ValueError(f"Hugging Face config for {arch} lacks required fields {absent}")
-  act = hf.get("hidden_act", "silu")
-  if act not in ("silu", "swish"):
-    raise ValueError(f"{arch}: hidden_act {act!r} is not supported (only silu)")
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  activations = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+  if act not in activations:
+    raise ValueError(f"{arch}: hidden activation {act!r} is not supported "
+                     f"(supported: {sorted(activations)})")
   if hf.get("mlp_bias"):
     raise ValueError(f"{arch}: mlp_bias=True is not supported")
   if model_type != "qwen2" and hf.get("attention_bias"):
     # Llama's attention_bias also puts a bias on o_proj, which our tree lacks.
     raise ValueError(f"{arch}: attention_bias=True (bias on o_proj too) is not supported")
+  if gemma and hf.get("use_bidirectional_attention"):
+    raise ValueError(f"{arch}: use_bidirectional_attention=True is not supported")
+  if model_type == "qwen3_moe":
+    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+      raise ValueError(f"{arch}: dense layers between MoE layers (mlp_only_layers="
+                       f"{hf.get('mlp_only_layers')}, decoder_sparse_step="
+                       f"{hf.get('decoder_sparse_step')}) are not supported")
+  if moe and hf.get("shared_expert_intermediate_size"):
+    raise ValueError(f"{arch}: shared experts are not supported")
 
   heads = int(hf["num_attention_heads"])
   hidden = int(hf["hidden_size"])
-  theta, scaling = _rope(hf)
+  num_layers = int(hf["num_hidden_layers"])
+  global_rope, local_rope = _rope_params(hf, model_type)
+  theta, scaling = _rope(global_rope)
+  local_theta = None
+  if local_rope:
+    local_theta, local_scaling = _rope(local_rope, " (sliding layers)")
+    if local_scaling is not None:
+      raise ValueError(f"{arch}: RoPE scaling on the sliding layers is not supported")
+  window, layer_types = _layer_types(hf, model_type, num_layers)
+  # The context is the model's own: a sliding window limits what each layer
+  # attends to, not how long a sequence may be.
   max_pos = int(hf.get("max_position_embeddings") or 4096)
-  if _uses_sliding_window(hf, model_type):
-    # Sliding-window attention equals full attention within the window; past it the
-    # models differ, so the window becomes our context limit.
-    max_pos = min(max_pos, int(hf["sliding_window"]))
   if dtype is None:
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
       dtype = "float32"
+  extra: dict[str, Any] = {}
+  if gemma:
+    extra.update(norm_weight_offset=1.0, sandwich_norms=True, embed_scale=True,
+                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256),
+                 # transformers' Gemma 3 attention ignores attn_logit_softcapping.
+                 attn_softcap=(hf.get("attn_logit_softcapping") if model_type == "gemma2"
+                               else None),
+                 final_softcap=hf.get("final_logit_softcapping"))
+  if moe:
+    extra.update(
+        num_experts=int(hf["num_local_experts"]),
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        norm_topk_prob=True if model_type == "mixtral" else bool(hf.get("norm_topk_prob")),
+        moe_intermediate_size=(int(hf["moe_intermediate_size"]) if model_type == "qwen3_moe"
+                               else None))
   return ModelConfig(
       vocab_size=int(hf["vocab_size"]),
       hidden_size=hidden,
-      num_layers=int(hf["num_hidden_layers"]),
+      num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads),
       head_dim=int(hf.get("head_dim") or hidden // heads),
-      intermediate_size=int(hf["intermediate_size"]),
+      intermediate_size=int(hf.get("intermediate_size") or hf["moe_intermediate_size"]),
       rope_theta=theta,
       rope_scaling=scaling,
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       qkv_bias=model_type == "qwen2",
       max_position_embeddings=max_pos,
       param_dtype=dtype,
       compute_dtype=dtype,
       name=str(hf.get("_name_or_path") or ""),
+      qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+      activation=activations[act],
+      sliding_window=window,
+      layer_types=layer_types,
+      rope_local_theta=local_theta,
+      **extra,
   )
 
 
@@ -236,25 +362,41 @@ def _read_tensor(handle: Any, filename: str, name: str) -> np.ndarray:
     return _read_raw(filename, name)
 
 
-def _hf_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
-  """{our flat name: (HF tensor name, transpose)} for every tensor `config` needs."""
-  names = {}
+def _hf_names(config: ModelConfig, model_type: str) -> dict[str, tuple[Any, bool]]:
+  """{our flat name: (HF tensor name, or the list of per-expert names to stack,
+  transpose)} for every tensor `config` needs."""
+  layer_table = _GEMMA_LAYER_TENSORS if model_type in _GEMMA else _LAYER_TENSORS
+  names: dict[str, tuple[Any, bool]] = {}
   for ours in params_lib.flatten(params_lib.param_shapes(config)):
     parts = ours.split(".")
-    if parts[0] == "layers":
-      hf_name, transpose = _LAYER_TENSORS[parts[2]]
-      names[ours] = (f"model.layers.{parts[1]}.{hf_name}", transpose)
-    else:
+    if parts[0] != "layers":
       names[ours] = _TOP_TENSORS[parts[0]]
+      continue
+    prefix, leaf = f"model.layers.{parts[1]}.", parts[2]
+    if leaf == "router":
+      names[ours] = (prefix + _MOE_TENSORS[model_type][0], True)
+    elif leaf.startswith("experts_"):
+      pattern = _MOE_TENSORS[model_type][1][leaf]
+      names[ours] = ([prefix + pattern.format(e) for e in range(config.num_experts)], True)
+    else:
+      hf_name, transpose = layer_table[leaf]
+      names[ours] = (prefix + hf_name, transpose)
   return names
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+def _model_type(path: str) -> str:
+  with open(os.path.join(path, "config.json")) as f:
+    return SUPPORTED_ARCHITECTURES[_architecture(json.load(f))]
+
+
+def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
   """Convert a Hugging Face model directory into (config, canonical numpy params).
 
-  Linear weights are transposed to [in, out]; every tensor is cast to `dtype`
-  (float32 keeps bf16/f16 weights exact). Tensors are read one at a time, so peak
-  host memory is the converted model plus one tensor.
+  Linear weights are transposed to [in, out]; every tensor is cast to `dtype`, by
+  default the dtype config.json says the weights were saved in (a bf16 directory
+  stays bf16: half the memory of float32; float32 keeps bf16/f16 weights exact).
+  Tensors are read one at a time (one layer's experts for an MoE), so peak host
+  memory is the converted model plus one tensor.
 
   Raises:
     FileNotFoundError: config.json, the weights, or a shard named in the index is
@@ -274,12 +416,16 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
   if not config.name:
     config = config.replace(name=os.path.basename(path))
 
-  wanted = _hf_names(config)
+  wanted = _hf_names(config, _model_type(path))
   files = _weight_files(path)
-  missing = sorted(hf for hf, _ in wanted.values() if hf not in files)
+
+  def sources(entry):
+    return entry[0] if isinstance(entry[0], list) else [entry[0]]
+
+  known = {hf for entry in wanted.values() for hf in sources(entry)}
+  missing = sorted(hf for hf in known if hf not in files)
   if missing:
     raise ValueError(f"Hugging Face model {path} lacks tensors {missing}")
-  known = {hf for hf, _ in wanted.values()}
   if config.tie_word_embeddings:
     known.add("lm_head.weight")  # some exporters save the tied copy; it is unused
   unexpected = sorted(n for n in files if n not in known and not _IGNORED.match(n))
@@ -289,25 +435,32 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32") -> tuple[ModelConfi
         f"(dropping them would change its outputs): {unexpected}")
 
   expected_shapes = params_lib.flatten(params_lib.param_shapes(config))
-  by_file: dict[str, list[str]] = {}
-  for ours, (hf_name, _) in wanted.items():
-    by_file.setdefault(files[hf_name], []).append(ours)
   target = config.weight_dtype
+  handles: dict[str, Any] = {}
   flat: dict[str, np.ndarray] = {}
-  for filename, ours_names in sorted(by_file.items()):
-    with _open(filename) as handle:
-      for ours in ours_names:
-        hf_name, transpose = wanted[ours]
-        tensor = _read_tensor(handle, filename, hf_name)
-        want = tuple(expected_shapes[ours])
-        want_hf = want[::-1] if transpose else want  # torch Linear is [out, in]
+  try:
+    for ours, entry in sorted(wanted.items(), key=lambda kv: files[sources(kv[1])[0]]):
+      transpose = entry[1]
+      want = tuple(expected_shapes[ours])
+      stacked = isinstance(entry[0], list)  # experts: [E, in, out] from E [out, in]
+      want_one = want[1:] if stacked else want
+      want_hf = want_one[::-1] if transpose else want_one  # torch Linear is [out, in]
+      pieces = []
+      for hf_name in sources(entry):
+        filename = files[hf_name]
+        if filename not in handles:
+          handles[filename] = _open(filename).__enter__()
+        tensor = _read_tensor(handles[filename], filename, hf_name)
         if tuple(tensor.shape) != want_hf:
           raise ValueError(
               f"Hugging Face model {path}: tensor {hf_name} has shape "
               f"{tuple(tensor.shape)}, config.json implies {want_hf}")
-        if transpose:
-          tensor = tensor.T
-        flat[ours] = np.array(tensor, dtype=target, order="C")  # one copy: cast + layout
+        pieces.append(tensor.T if transpose else tensor)
+      value = np.stack(pieces) if stacked else pieces[0]
+      flat[ours] = np.array(value, dtype=target, order="C")  # one copy: cast + layout
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
   logging.info("converted %d tensors from %s", len(flat), path)
   params = params_lib.unflatten(flat, config)
   params_lib.check(params, config, source=f"converted parameters of {path}")
