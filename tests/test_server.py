@@ -411,3 +411,19 @@ def test_api_key():
       client.completions.create(model="tiny", prompt="text", max_tokens=4)
     assert e.value.body["param"] == "prompt"
     assert httpx.get(url + "/health").status_code == 200  # open, like /metrics
+
+
+def test_serve_bench_against_the_live_server(served):
+  from engine import serve_bench
+  cfg = serve_bench.ServeBenchConfig(url=served.url, rates=(8.0, float("inf")), num_requests=6,
+                                     input_len=8, output_len=5, warmup_requests=2)
+  results = serve_bench.run(cfg)
+  assert [r["rate"] for r in results] == [8.0, float("inf")]
+  for r in results:
+    assert r["completed"] == 6 and r["rejected_429"] == 0 and r["failed"] == 0
+    assert r["output_tokens"] == 6 * 5 and r["output_tok_s"] > 0
+    assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
+    assert r["tpot_s"]["p50"] > 0 and r["itl_s"] is not None
+  table = serve_bench.format_table(results)
+  assert "TTFT p50" in table and "capacity:" in table
+  _wait_idle(served)
