@@ -68,13 +68,13 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from engine import util
-from engine.engine import CapacityError as _CapacityError
+from engine.engine import GenerationRequest, StreamOutput
 from engine import openai_format as oaf
 from engine.sampling import SamplingParams
 
@@ -730,19 +730,19 @@ def _run_locked(engine, job: BatchJob, load_time_s: float | None, leader: bool) 
 
 
 def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> dict:
-  """The loop: keep up to max_in_flight requests in the engine, write each as it ends."""
+  """The loop: input lines go through `Engine.iterate` (at most max_in_flight at a
+  time); each result is written as it ends. Lines already done, duplicates and
+  lines that do not parse never reach the engine."""
   from tqdm import tqdm  # progress only; keeps the module importable without it
   cap = job.max_in_flight or 4 * engine.config.max_batch
   total = len(ds)
   items = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-  exhausted = False
-  held: Item | None = None  # taken from the input, not yet accepted by the engine
   seen: dict[str, int] = {}  # id -> first line with it, over this shard
-  inflight: dict[str, Item] = {}
-  skipped = completed = prompt_tokens = output_tokens = steps = live_tokens = 0
-  batch_sum = batch_max = decode_steps = 0
-  kv_sum = kv_max = 0.0
-  sched = engine.scheduler
+  live: dict[str, Item] = {}
+  tally = collections.Counter()
+  metrics = engine.metrics
+  batches0 = len(metrics.samples("decode_batch_size"))
+  loads0 = len(metrics.samples("kv_cache_utilization"))
   counts0 = _engine_counts(engine)
   token_text = oaf.TokenText(getattr(engine, "tokenizer", None))
   model_name = getattr(getattr(engine, "model_config", None), "name", None) or "ridgeline"
@@ -751,107 +751,68 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   t0 = last_refresh = time.perf_counter()
 
   def finish(records: list[dict]) -> None:
-    nonlocal completed, prompt_tokens, output_tokens
     writer.append(records)
     for r in records:
-      completed += 1
+      tally["completed"] += 1
       view = _record_view(r)
-      prompt_tokens += view.get("prompt_tokens", 0)
-      output_tokens += view.get("completion_tokens", 0)
+      tally["prompt_tokens"] += view.get("prompt_tokens", 0)
+      tally["output_tokens"] += view.get("completion_tokens", 0)
     pbar.update(len(records))
 
-  try:
-    while True:
-      records = []
-      while len(inflight) < cap and not exhausted:
-        item, held = held or next(items, None), None
-        if item is None:
-          exhausted = True
-          break
-        if item.key is not None and seen.get(item.key, item.line) != item.line:
-          item = Item(item.line, None, api=item.api, error_code="duplicate_custom_id", error=(
-              f"line {item.line}: duplicate id {item.id!r} (first on line {seen[item.key]})"))
-        elif item.key is not None:
-          seen[item.key] = item.line
-        if item.line in writer.done:
-          if writer.done[item.line] != _id_digest(item.id):
-            raise RuntimeError(
-                f"{writer.path} has a record for line {item.line} with another id than "
-                f"the input's {item.id!r}: the output belongs to a different input file")
-          skipped += 1
-          continue
-        if item.error is not None:
-          records.append(_error_record(item, item.error))
-          continue
-        rid = str(item.line)
-        try:
-          engine.add_request(item.prompt, item.params, request_id=rid)
-        except _CapacityError:  # the engine's queue is full: retry after a step
-          if not inflight:
-            raise
-          held = item
-          break
-        out = engine.get_output(rid)
-        if out.finished:  # failed validation
-          records.append(_result_record(item, out, job.token_ids, token_text,
-                                        model_name))
-          engine.release(rid)
-        else:
-          inflight[rid] = item
-      if records:
-        finish(records)
-        records = []
-      if not inflight:
-        if exhausted:
-          break
+  def requests() -> Iterator[GenerationRequest]:
+    for item in items:
+      if item.key is not None and seen.get(item.key, item.line) != item.line:
+        item = Item(item.line, None, api=item.api, error_code="duplicate_custom_id", error=(
+            f"line {item.line}: duplicate id {item.id!r} (first on line {seen[item.key]})"))
+      elif item.key is not None:
+        seen[item.key] = item.line
+      if item.line in writer.done:
+        if writer.done[item.line] != _id_digest(item.id):
+          raise RuntimeError(
+              f"{writer.path} has a record for line {item.line} with another id than "
+              f"the input's {item.id!r}: the output belongs to a different input file")
+        tally["skipped"] += 1
         continue
-      deltas = engine.step()
-      steps += 1
-      live_tokens += sum(len(d.token_ids) for d in deltas)
-      b = getattr(sched, "last_decode_batch", 0)
-      if b:
-        decode_steps += 1
-        batch_sum += b
-        batch_max = max(batch_max, b)
-      kv = engine.kv_utilization()
-      kv_sum += kv
-      kv_max = max(kv_max, kv)
-      ended = {d.request_id for d in deltas if d.finished and d.request_id in inflight}
-      if not engine.has_unfinished():
-        ended = set(inflight)  # a request may end without a delta (nothing left to run)
-      for rid in sorted(ended, key=int):
-        out = engine.get_output(rid)
-        if out.finished:
-          records.append(_result_record(inflight.pop(rid), out, job.token_ids, token_text,
-                                        model_name))
-          engine.release(rid)
-      finish(records)
-      now = time.perf_counter()
-      if job.progress and now - last_refresh > 0.5:
-        last_refresh = now
-        pbar.set_postfix_str(f"{live_tokens / (now - t0):.1f} tok/s, batch {b}, "
-                             f"kv {kv:.0%}", refresh=True)
+      if item.error is not None:
+        finish([_error_record(item, item.error)])
+        continue
+      rid = str(item.line)
+      live[rid] = item
+      yield GenerationRequest(item.prompt, item.params, rid)
+
+  try:
+    for out in engine.iterate(requests(), stream=True, max_live=cap):
+      if isinstance(out, StreamOutput):
+        tally["live_tokens"] += len(out.token_ids)
+        now = time.perf_counter()
+        if job.progress and now - last_refresh > 0.5:
+          last_refresh = now
+          pbar.set_postfix_str(
+              f"{tally['live_tokens'] / (now - t0):.1f} tok/s, batch "
+              f"{engine.scheduler.last_decode_batch}, kv {engine.kv_utilization():.0%}",
+              refresh=True)
+        continue
+      # One result (finished, or refused by the engine's checks) per request.
+      finish([_result_record(live.pop(out.request_id), out, job.token_ids, token_text,
+                             model_name)])
   finally:
     pbar.close()
-    for rid in inflight:  # interrupted (e.g. KeyboardInterrupt): leave the engine clean
-      try:
-        engine.abort(rid)
-        engine.release(rid)
-      except Exception:  # noqa: BLE001 -- the original error is the one to see
-        pass
   wall = time.perf_counter() - t0
   counts = _engine_counts(engine)
   counts.subtract(counts0)
+  batches = metrics.samples("decode_batch_size", batches0)
+  loads = metrics.samples("kv_cache_utilization", loads0)
+  completed, output_tokens = tally["completed"], tally["output_tokens"]
   return {
-      "requests": completed, "skipped": skipped, "wall_time_s": round(wall, 3),
-      "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+      "requests": completed, "skipped": tally["skipped"], "wall_time_s": round(wall, 3),
+      "prompt_tokens": tally["prompt_tokens"], "output_tokens": output_tokens,
       "output_tokens_per_s": output_tokens / wall if wall > 0 else 0.0,
       "requests_per_s": completed / wall if wall > 0 else 0.0,
-      "steps": steps,
-      "decode_batch_mean": batch_sum / decode_steps if decode_steps else 0.0,
-      "decode_batch_max": batch_max,
-      "kv_utilization_mean": kv_sum / steps if steps else 0.0,
-      "kv_utilization_max": kv_max,
+      "steps": len(loads),
+      "decode_batch_mean": sum(batches) / len(batches) if batches else 0.0,
+      "decode_batch_max": max(batches, default=0),
+      "kv_utilization_mean": sum(loads) / len(loads) if loads else 0.0,
+      "kv_utilization_max": max(loads, default=0.0),
       # This run's share of the engine's own counters (engine/metrics.py).
       "preemptions": int(counts["preemptions"]),
       "engine_counts": {k: int(v) for k, v in sorted(counts.items())},

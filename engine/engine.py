@@ -380,8 +380,10 @@ class Engine:
                                 s.out.finish_reason, s.out.stop_reason,
                                 list(s.out.logprobs) if want_lp else None)
                for s in seqs]
+    errors = [s.out.error for s in seqs if s.out.error]
     return RequestOutput(request_id, None, list(request.prompt_ids), outputs,
-                         request.finished, request.metrics())
+                         request.finished, request.metrics(),
+                         error=errors[0] if errors else None)
 
   def release(self, request_id: str) -> None:
     """Forgets a finished request (its output can no longer be fetched)."""
@@ -393,8 +395,8 @@ class Engine:
 
   # The iterator ----------------------------------------------------------------
 
-  def iterate(self, requests: Iterable[GenerationRequest], *, stream: bool = False
-              ) -> Iterator[RequestOutput | StreamOutput]:
+  def iterate(self, requests: Iterable[GenerationRequest], *, stream: bool = False,
+              max_live: int | None = None) -> Iterator[RequestOutput | StreamOutput]:
     """Runs requests and yields what they produce, as it happens.
 
     `requests` is consumed lazily, as the waiting queue has room. Every request
@@ -402,14 +404,16 @@ class Engine:
     `prompt` set, the request then released); with `stream=True` its
     `StreamOutput` deltas come before it. A request that cannot run yields its
     error output at once. If the caller stops iterating, the requests still
-    running are aborted and released.
+    running are aborted and released. `max_live` bounds the requests taken from
+    `requests` and not yet finished (default: the waiting queue's bound).
     """
     source = iter(requests)
     exhausted = False
     live: dict[str, GenerationRequest] = {}
     try:
       while not exhausted or live:
-        while not exhausted and len(self.scheduler.waiting) < self.config.max_waiting:
+        while (not exhausted and len(self.scheduler.waiting) < self.config.max_waiting
+               and (max_live is None or len(live) < max_live)):
           req = next(source, None)
           if req is None:
             exhausted = True

@@ -68,7 +68,7 @@ class Metrics:
                                      buckets=_LATENCY_BUCKETS, registry=r)
     self.target_intensity.set(ridge_point)
     self._samples: dict[str, list[float]] = {k: [] for k in (
-        "decode_batch_size", "ttft", "tpot", "queue_time")}
+        "decode_batch_size", "ttft", "tpot", "queue_time", "kv_cache_utilization")}
     self._steps: dict[str, dict[str, float]] = {}
 
   # Hooks the scheduler calls -------------------------------------------------
@@ -109,6 +109,8 @@ class Metrics:
         self._samples[name].append(value)
 
   def set_load(self, running: int, waiting: int, kv_utilization: float) -> None:
+    """After every step."""
+    self._samples["kv_cache_utilization"].append(kv_utilization)
     self.running.set(running)
     self.waiting.set(waiting)
     self.kv_util.set(kv_utilization)
@@ -121,6 +123,11 @@ class Metrics:
     (`server.server_port` is the port, useful with port 0)."""
     server, _ = prom.start_http_server(port, addr=addr, registry=self.registry)
     return server
+
+  def samples(self, name: str, since: int = 0) -> list[float]:
+    """Raw per-step or per-request samples of `name` (decode_batch_size,
+    kv_cache_utilization, ttft, tpot, queue_time), from index `since` on."""
+    return self._samples[name][since:]
 
   def prometheus_text(self) -> str:
     return prom.generate_latest(self.registry).decode()

@@ -41,6 +41,7 @@ class Completion:
   text: str = ""
   finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
   stop_reason: int | str | None = None
+  error: str | None = None
   emitted_chars: int = 0  # text already handed out in deltas
   emitted_tokens: int = 0
 
@@ -92,6 +93,11 @@ class Completion:
     if self.detokenizer is not None and reason != "stop":
       self.text += self.detokenizer.flush()
     return reason
+
+  def fail(self, error: str) -> None:
+    """Ends the sequence with an error (the rest of the batch runs on)."""
+    self.error = error
+    self.finish_reason = "error"
 
   def delta(self, request_id: str, index: int) -> Delta | None:
     """New tokens and text since the last delta, or None if there are none."""

@@ -381,7 +381,12 @@ class Scheduler:
         seq.request.first_token_time = now
       self.metrics.generated_tokens.inc()
       total = len(seq.request.prompt_ids) + len(seq.out.token_ids) + 1
-      if seq.out.append(token, entry, total, self.config.max_model_len) is not None:
+      try:
+        ended = seq.out.append(token, entry, total, self.config.max_model_len) is not None
+      except Exception as e:  # noqa: BLE001 -- e.g. a detokenizer error: this sequence only
+        seq.out.fail(f"{type(e).__name__} while handling token {token}: {e}")
+        ended = True
+      if ended:
         self._finish(seq)
       else:
         self.kv.publish(seq, seq.tokens)

@@ -282,3 +282,15 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict:
       np.asarray(lengths, np.int32))
   return dict(positions=positions.reshape(-1), slots=slots.reshape(-1), layout=layout,
               num_pages=scratch + 1)
+
+
+def score(model: Transformer, tokens, page_size: int = 8) -> jax.Array:
+  """Logits at every position of equal-length prompts `tokens` [B, T] in one
+  forward pass over fresh pages (tests and single-shot scoring): [B, T, V]."""
+  tokens = np.asarray(tokens, np.int32)
+  batch, length = tokens.shape
+  inputs = contiguous_inputs([length] * batch, page_size)
+  kv = init_kv_pages(model.config, int(inputs["num_pages"]), page_size)
+  logits, _ = model(jnp.asarray(tokens.reshape(-1)), jnp.asarray(inputs["positions"]), kv,
+                    jnp.asarray(inputs["slots"]), inputs["layout"])
+  return logits.reshape(batch, length, -1)

@@ -7,6 +7,7 @@ scripts reads flags or the environment.
 from __future__ import annotations
 
 from absl import flags
+from absl import logging
 
 from engine.config import EngineConfig
 from model import default_model

@@ -82,11 +82,7 @@ def test_logits_and_greedy_match_transformers(case, root):
   model = transformer_lib.from_params(config, params)
   tokens = np.asarray(_prompts(2, seed=2)[0] * 2).reshape(2, PROMPT_LEN)
   tokens[1] = np.random.default_rng(3).integers(0, VOCAB, PROMPT_LEN)
-  inputs = transformer_lib.contiguous_inputs([PROMPT_LEN, PROMPT_LEN], 8)
-  kv = transformer_lib.init_kv_pages(config, int(inputs["num_pages"]), 8)
-  logits, _ = model(jnp.asarray(tokens), jnp.asarray(inputs["positions"]), kv,
-                    jnp.asarray(inputs["slots"]), jnp.asarray(inputs["block_tables"]),
-                    jnp.asarray(inputs["kv_lens"]))
+  logits = transformer_lib.score(model, tokens, 8)
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
   rel = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()

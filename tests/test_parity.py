@@ -53,12 +53,7 @@ def test_logits_match_transformers(case, tmp_path):
   config, params = load_hf(tmp_path)
   model = transformer_lib.from_params(config, params)
   tokens = np.random.default_rng(1).integers(0, VOCAB, size=(2, PROMPT_LEN))
-  page_size = 8
-  inputs = transformer_lib.contiguous_inputs([PROMPT_LEN, PROMPT_LEN], page_size)
-  kv = transformer_lib.init_kv_pages(config, int(inputs["num_pages"]), page_size)
-  logits, _ = model(jnp.asarray(tokens.reshape(-1), jnp.int32), jnp.asarray(inputs["positions"]),
-                    kv, jnp.asarray(inputs["slots"]), inputs["layout"])
-  logits = np.asarray(logits).reshape(tokens.shape[0], PROMPT_LEN, -1)
+  logits = transformer_lib.score(model, tokens, 8)
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
   rel = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
