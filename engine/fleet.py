@@ -107,8 +107,9 @@ class EngineLoad:
 
   @property
   def utilization(self) -> float:
-    """How loaded, 0 (idle) to 1 (a full batch, or a full KV cache)."""
-    return max(min(self.requests / self.max_batch, 1.0), self.kv_utilization)
+    """How loaded: requests in flight per decode batch (past 1, a queue), or the
+    KV cache's used fraction, whichever is higher."""
+    return max(self.requests / self.max_batch, self.kv_utilization)
 
   @property
   def full(self) -> bool:
@@ -148,13 +149,14 @@ class PrefixAffinity:
   `tolerance` (in `EngineLoad.utilization`, 0 to 1) over the least loaded one;
   otherwise, and for requests with no known prefix, it goes to the engine with the
   most free capacity. Without the tolerance two engines a request apart would trade
-  every group back and forth. The prefix table is bounded (`max_entries`,
+  every group back and forth; the default, half a batch, lets an engine queue a
+  little for its prefix before its requests go elsewhere. The prefix table is bounded (`max_entries`,
   least-recently-used first out), like the caches it stands for.
   """
 
   name = "prefix_affinity"
 
-  def __init__(self, tolerance: float = 0.25, min_blocks: int = 1,
+  def __init__(self, tolerance: float = 0.5, min_blocks: int = 1,
                max_entries: int = 1 << 20):
     self.tolerance = tolerance
     self.min_blocks = min_blocks
@@ -412,11 +414,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
   return ray.cluster_resources()
 
 
-def code_runtime_env() -> dict:
-  """A runtime_env whose workers import Ridgeline from where this process did
-  (a source checkout on one machine). On a cluster, install the package on every
-  node or ship it with `py_modules` instead."""
+def code_runtime_env(ship: bool = False) -> dict:
+  """A runtime_env whose workers run the Ridgeline code this process runs.
+
+  ship=False: workers import it from the same directory (one machine).
+  ship=True: Ray uploads the packages (`py_modules`) to every node of a cluster,
+  for a source checkout that the nodes do not have installed (Ray takes this
+  only as the job's runtime_env: `init_ray(..., runtime_env=...)`).
+  """
   root = os.path.dirname(os.path.dirname(os.path.abspath(batch.__file__)))
+  if ship:
+    return {"py_modules": [os.path.join(root, p) for p in ("engine", "model", "configs")]}
   return {"env_vars": {"PYTHONPATH": root}}
 
 
@@ -482,7 +490,7 @@ class FleetJob:
     (`.parquet`, or input_format="parquet"): a row's columns are a line's fields.
   default_sampling / seed: as batch.BatchJob.
   block_size: input lines per committed output block; a rerun must keep it.
-  max_in_flight: most requests in flight per engine (default 2 x its max_batch).
+  max_in_flight: most requests in flight per engine (default 4 x its max_batch).
   chunk: most requests sent to one engine in one call.
   """
 
@@ -660,7 +668,9 @@ def run_job(fleet: Fleet, job: FleetJob, router=None,
   from tqdm import tqdm
   router = router if router is not None else PrefixAffinity()
   n = len(fleet.workers)
-  cap = job.max_in_flight or 2 * fleet.max_batch
+  # Past its batch an engine queues; that queue lets a prefix wait for its engine
+  # instead of spilling the moment the engine's batch is full.
+  cap = job.max_in_flight or 4 * fleet.max_batch
   journal = _Journal(job)
   if os.path.exists(batch.summary_path(job.output)):
     os.remove(batch.summary_path(job.output))  # it marks a complete output; not yet

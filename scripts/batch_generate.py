@@ -79,6 +79,9 @@ flags.DEFINE_integer("ray_workers", 0, "Engines (0: one per GPU, or per --ray_wo
 flags.DEFINE_float("ray_worker_cpus", 1, "CPUs each engine actor reserves.")
 flags.DEFINE_float("ray_worker_gpus", None, "GPUs each engine actor reserves (default: 1 "
                    "when the cluster has GPUs, else 0).")
+flags.DEFINE_bool("ray_ship_code", True, "Workers run this process's Ridgeline code: "
+                  "from its directory locally, uploaded (py_modules) to a cluster. Turn off "
+                  "when the nodes have the package installed.")
 flags.DEFINE_integer("ray_max_restarts", -1, "Restarts of a dead engine actor (-1: no limit).")
 flags.DEFINE_enum("routing", "prefix_affinity", ["prefix_affinity", "round_robin"],
                   "How requests are spread over the engines.")
@@ -99,8 +102,11 @@ def _run_on_ray() -> int:
     _overwrite(FLAGS.output, None)
     shutil.rmtree(fleet_lib.block_dir(FLAGS.output), ignore_errors=True)
   t0 = time.perf_counter()
+  # The job's runtime_env: Ray uploads py_modules only at this level.
+  runtime_env = (fleet_lib.code_runtime_env(ship=bool(FLAGS.ray_address))
+                 if FLAGS.ray_ship_code else None)
   resources = fleet_lib.init_ray(FLAGS.ray_address, FLAGS.ray_num_cpus,
-                                 log_to_driver=False)
+                                 log_to_driver=False, runtime_env=runtime_env)
   ray_s = time.perf_counter() - t0
   checkpoint = FLAGS.checkpoint
   if checkpoint is None and FLAGS.model is None:  # convert once here, not in every actor
@@ -109,10 +115,9 @@ def _run_on_ray() -> int:
                               cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
                               config=flags_common.engine_config(),
                               compilation_cache_dir=FLAGS.compilation_cache_dir)
-  runtime_env = None if FLAGS.ray_address else fleet_lib.code_runtime_env()
   fleet = fleet_lib.Fleet(spec, num_workers=FLAGS.ray_workers or None,
                           num_gpus=FLAGS.ray_worker_gpus, num_cpus=FLAGS.ray_worker_cpus,
-                          max_restarts=FLAGS.ray_max_restarts, runtime_env=runtime_env,
+                          max_restarts=FLAGS.ray_max_restarts,
                           token_ids=FLAGS.token_ids)
   load_s = time.perf_counter() - t0 - ray_s
   print(f"Ray up in {ray_s:.1f} s ({resources}); {len(fleet)} engines built in "
