@@ -42,6 +42,18 @@ Output records (one per non-blank input line):
    "completion_tokens", "token_ids", "logprobs"?, "choices"? (n > 1),
    "metrics": {"queue_s", "ttft_s", "tpot_s", "e2e_s"}}
   {"id", "line", "finish_reason": "error", "error"}
+
+OpenAI Batch API request lines (`custom_id`, `method`, `url`, `body`) get OpenAI
+batch output lines instead (the objects are built by engine/openai_format.py, as
+the server's responses are):
+
+  {"id": "batch_req_...", "custom_id", "response": {"status_code": 200,
+   "request_id", "body": chat.completion | text_completion}, "error": null,
+   "line", "metrics"}
+  {"id", "custom_id", "response": null, "error": {"code", "message"}, "line"}
+
+`line` and `metrics` are Ridgeline's additions (resuming and merging key on the
+line; OpenAI readers ignore unknown fields).
 """
 
 from __future__ import annotations
@@ -61,15 +73,13 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from engine import openai_format as oaf
 from engine.sampling import SamplingParams
 
 __all__ = ["BatchJob", "JsonlSource", "Item", "parse_line", "make_dataset", "ResultWriter",
            "run_batch", "merge_parts", "part_path", "summary_path", "format_summary",
            "read_records"]
 
-# OpenAI batch-file `body` fields that say nothing about sampling.
-_OPENAI_IGNORED = frozenset({"model", "user", "metadata", "store", "stream",
-                             "stream_options"})
 _PERCENTILES = (50, 90, 99)
 try:  # raised by engines with a bounded waiting queue
   from engine.engine import CapacityError as _CapacityError
@@ -128,6 +138,11 @@ class Item:
   prompt: Any = None
   params: SamplingParams | None = None
   error: str | None = None
+  # "chat" or "completion" for an OpenAI Batch API line (it gets an OpenAI output
+  # line); None for Ridgeline's own lines.
+  api: str | None = None
+  top_logprobs: int | None = None  # OpenAI lines: how many alternatives to report
+  error_code: str | None = None
 
   @property
   def key(self) -> str | None:
@@ -148,81 +163,109 @@ def derive_seed(job_seed: int, key: str) -> int:
   return int.from_bytes(digest, "little") % 2**63
 
 
-def _openai_sampling(body: dict) -> dict:
-  """Maps an OpenAI request body onto SamplingParams fields (unknown ones pass
-  through, so SamplingParams names them in its error)."""
-  out = {}
-  for k, v in body.items():
-    if k in _OPENAI_IGNORED or k in ("messages", "prompt", "logprobs", "top_logprobs"):
-      continue
-    out["max_tokens" if k == "max_completion_tokens" else k] = v
-  lp = body.get("logprobs")
-  if isinstance(lp, bool):  # chat API: logprobs: true, top_logprobs: k
-    if lp:
-      out["logprobs"] = body.get("top_logprobs") or 0
-  elif lp is not None:  # completions API: logprobs: k
-    out["logprobs"] = lp
-  elif "top_logprobs" in body:
-    out["top_logprobs"] = body["top_logprobs"]  # without logprobs: named as unknown
-  return out
+def _looks_openai(raw: bytes) -> bool:
+  """Whether an unparseable line was meant as an OpenAI Batch API request."""
+  return b'"custom_id"' in raw or b'"url"' in raw
 
 
 def parse_line(line: int, raw: bytes, default_sampling: dict | None = None,
                seed: int = 0) -> Item:
-  """One JSONL line -> Item. Never raises for bad input; sets `error` instead."""
+  """One JSONL line -> Item. Never raises for bad input; sets `error` instead.
+
+  Three kinds of line: Ridgeline's own (`id`, `prompt` or `messages`, `sampling`);
+  OpenAI Batch API requests (`custom_id`, `method`, `url`, `body`), which get
+  OpenAI batch output lines; and bare `custom_id` + `body` lines (no `url`), read
+  as OpenAI bodies but answered in Ridgeline's format, as before."""
   try:
     obj = json.loads(raw)
   except ValueError as e:  # includes invalid UTF-8
-    return Item(line, None, error=f"line {line}: malformed JSON: {e}")
+    return Item(line, None, error=f"line {line}: malformed JSON: {e}",
+                api="completion" if _looks_openai(raw) else None,
+                error_code="invalid_json_line")
   if not isinstance(obj, dict):
     return Item(line, None,
                 error=f"line {line}: expected a JSON object, got {type(obj).__name__}")
-  openai = "custom_id" in obj or "body" in obj
+  batch_api = "url" in obj or "method" in obj
+  openai = batch_api or "custom_id" in obj or "body" in obj
   rid = obj.get("custom_id") if openai else obj.get("id")
   if rid is None:
     rid = f"line-{line}"
   elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
-    return Item(line, None, error=f"line {line}: id must be a string or an integer, "
-                                  f"got {rid!r}")
+    return Item(line, None, error=f"line {line}: {'custom_id' if openai else 'id'} must be "
+                                  f"a string or an integer, got {rid!r}",
+                api="completion" if batch_api else None, error_code="invalid_custom_id")
   item = Item(line, rid)
 
-  def fail(msg: str) -> Item:
+  def fail(msg: str, code: str = "invalid_request") -> Item:
     item.error = f"line {line}: {msg}"
+    item.error_code = code
     return item
 
   sampling = dict(default_sampling or {})
   body = obj
+  kind = None
+  if batch_api:
+    url = obj.get("url")
+    item.api = oaf.URLS.get(url, "completion")
+    unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if url not in oaf.URLS:
+      return fail(f"url {url!r} is not supported; use one of {sorted(oaf.URLS)}",
+                  "invalid_url")
+    if obj.get("method", "POST") != "POST":
+      return fail(f"method {obj.get('method')!r} is not supported; use 'POST'",
+                  "invalid_method")
+    if unknown:
+      return fail(f"unknown fields {unknown}; an OpenAI batch line has custom_id, method, "
+                  "url and body")
+    kind = item.api
   if openai:
     body = obj.get("body")
     if not isinstance(body, dict):
       return fail("an OpenAI batch line needs a 'body' object")
-    sampling.update(_openai_sampling(body))
-  overrides = obj.get("sampling")
-  if overrides is not None:
-    if not isinstance(overrides, dict):
-      return fail(f"'sampling' must be an object, got {type(overrides).__name__}")
-    sampling.update(overrides)
-
-  has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
-  if has_prompt and has_messages:
-    return fail("give 'prompt' or 'messages', not both")
-  if not (has_prompt or has_messages):
-    return fail("no prompt: a line needs 'prompt' (text or token ids) or 'messages' (chat)")
-  prompt = body["prompt"] if has_prompt else body["messages"]
-  if has_messages and not (isinstance(prompt, list) and prompt
-                           and all(isinstance(m, dict) for m in prompt)):
-    return fail("'messages' must be a non-empty list of {'role', 'content'} objects")
-  if has_prompt and not isinstance(prompt, (str, list)):
-    return fail("'prompt' must be a string or a list of token ids, "
-                f"got {type(prompt).__name__}")
-  if has_prompt and len(prompt) == 0:
-    return fail("empty prompt")
-  item.prompt = prompt
-
-  try:
-    params = SamplingParams.from_dict(sampling)
-  except (ValueError, TypeError) as e:
-    return fail(f"invalid sampling parameters: {e}")
+    if kind is None:
+      kind = "chat" if "messages" in body else "completion"
+    try:
+      parsed = oaf.parse_request(kind, body, sampling)
+    except oaf.OpenAIError as e:
+      return fail(f"body: {e.message}", e.code or "invalid_request")
+    if len(parsed.prompts) != 1:
+      return fail("body.prompt: a batch line takes one prompt, got "
+                  f"{len(parsed.prompts)}")
+    item.prompt, params = parsed.prompts[0], parsed.params
+    item.top_logprobs = parsed.top_logprobs
+    overrides = None if batch_api else obj.get("sampling")
+    if overrides is not None:
+      if not isinstance(overrides, dict):
+        return fail(f"'sampling' must be an object, got {type(overrides).__name__}")
+      try:
+        params = SamplingParams.from_dict({**dataclasses.asdict(params), **overrides})
+      except (ValueError, TypeError) as e:
+        return fail(f"invalid sampling parameters: {e}")
+  else:
+    overrides = obj.get("sampling")
+    if overrides is not None:
+      if not isinstance(overrides, dict):
+        return fail(f"'sampling' must be an object, got {type(overrides).__name__}")
+      sampling.update(overrides)
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt and has_messages:
+      return fail("give 'prompt' or 'messages', not both")
+    if not (has_prompt or has_messages):
+      return fail("no prompt: a line needs 'prompt' (text or token ids) or 'messages' (chat)")
+    prompt = body["prompt"] if has_prompt else body["messages"]
+    if has_messages and not (isinstance(prompt, list) and prompt
+                             and all(isinstance(m, dict) for m in prompt)):
+      return fail("'messages' must be a non-empty list of {'role', 'content'} objects")
+    if has_prompt and not isinstance(prompt, (str, list)):
+      return fail("'prompt' must be a string or a list of token ids, "
+                  f"got {type(prompt).__name__}")
+    if has_prompt and len(prompt) == 0:
+      return fail("empty prompt")
+    item.prompt = prompt
+    try:
+      params = SamplingParams.from_dict(sampling)
+    except (ValueError, TypeError) as e:
+      return fail(f"invalid sampling parameters: {e}")
   if params.seed is None:
     params.seed = derive_seed(seed, item.key)
   item.params = params
@@ -260,6 +303,7 @@ class Tally:
     self.latency = {k: array.array("d") for k in ("queue_s", "ttft_s", "tpot_s", "e2e_s")}
 
   def add(self, record: dict) -> None:
+    record = _record_view(record)
     self.requests += 1
     self.finish_reasons[record.get("finish_reason")] += 1
     if record.get("finish_reason") == "error":
@@ -343,7 +387,7 @@ class ResultWriter:
       record = _parse_record(raw)
       if record is None or record["line"] in self.done:
         break
-      self.done[record["line"]] = _id_digest(record.get("id"))
+      self.done[record["line"]] = _id_digest(_record_view(record).get("id"))
       self.tally.add(record)
       good = offset + len(raw)
     if good < size:
@@ -368,7 +412,7 @@ class ResultWriter:
       os.ftruncate(self._fd, start)  # never leave a torn line in the middle
       raise
     for r in records:
-      self.done[r["line"]] = _id_digest(r.get("id"))
+      self.done[r["line"]] = _id_digest(_record_view(r).get("id"))
       self.tally.add(r)
 
   def close(self) -> None:
@@ -389,7 +433,7 @@ class _FollowerWriter:
 
   def append(self, records: Sequence[dict]) -> None:
     for r in records:
-      self.done[r["line"]] = _id_digest(r.get("id"))
+      self.done[r["line"]] = _id_digest(_record_view(r).get("id"))
       self.tally.add(r)
 
   def close(self) -> None:
@@ -418,8 +462,60 @@ def read_records(path: str) -> list[dict]:
   return [r for r in (_parse_record(raw) for _, raw in _iter_lines(path)) if r is not None]
 
 
-def _error_record(item: Item, error: str) -> dict:
+def _error_record(item: Item, error: str, code: str | None = None) -> dict:
+  if item.api is not None:
+    return _openai_error_record(item.line, item.id, error, code or item.error_code
+                                or "invalid_request")
   return {"id": item.id, "line": item.line, "finish_reason": "error", "error": error}
+
+
+# OpenAI Batch API output lines: {"id", "custom_id", "response": {"status_code",
+# "request_id", "body"}, "error": {"code", "message"} | null}, plus two fields of
+# Ridgeline's that OpenAI's readers ignore: "line" (what resuming and merging key
+# on) and "metrics" (the request's latencies, for the summary).
+
+
+def _openai_ids(line: int, custom_id) -> tuple[str, str]:
+  """Stable ids for a line, so a rerun writes the same ones."""
+  h = hashlib.blake2b(f"{line}\0{custom_id}".encode(), digest_size=12).hexdigest()
+  return f"batch_req_{h}", f"req_{h}"
+
+
+def _openai_error_record(line: int, custom_id, message: str, code: str) -> dict:
+  batch_id, _ = _openai_ids(line, custom_id)
+  return {"id": batch_id, "custom_id": custom_id, "response": None,
+          "error": {"code": code, "message": message}, "line": line}
+
+
+def _openai_result_record(item: Item, out, token_text, model_name: str) -> dict:
+  batch_id, request_id = _openai_ids(item.line, item.id)
+  prefix = "chatcmpl-" if item.api == "chat" else "cmpl-"
+  body = oaf.response_body(item.api, [out], model_name, token_text, item.top_logprobs,
+                           request_id=prefix + batch_id[len("batch_req_"):])
+  m = out.metrics
+  return {"id": batch_id, "custom_id": item.id,
+          "response": {"status_code": 200, "request_id": request_id, "body": body},
+          "error": None, "line": item.line,
+          "metrics": {"queue_s": _round(m.queue_time), "ttft_s": _round(m.ttft),
+                      "tpot_s": _round(m.tpot), "e2e_s": _round(m.e2e)}}
+
+
+def _record_view(record: dict) -> dict:
+  """What resuming, merging and the summary read from a record, whichever format:
+  id (the input's id / custom_id), line, finish_reason, token counts, metrics."""
+  if "custom_id" not in record:
+    return record
+  view = {"id": record.get("custom_id"), "line": record.get("line"),
+          "metrics": record.get("metrics"), "openai": True}
+  body = (record.get("response") or {}).get("body") or {}
+  if record.get("error") or not body.get("choices"):
+    view["finish_reason"] = "error"
+    return view
+  usage = body.get("usage") or {}
+  view.update(finish_reason=body["choices"][0].get("finish_reason"),
+              prompt_tokens=usage.get("prompt_tokens", 0),
+              completion_tokens=usage.get("completion_tokens", 0))
+  return view
 
 
 def _round(x: float | None) -> float | None:
@@ -439,9 +535,15 @@ def _completion(c, with_token_ids: bool) -> dict:
   return out
 
 
-def _result_record(item: Item, out, with_token_ids: bool) -> dict:
+def _result_record(item: Item, out, with_token_ids: bool, token_text=None,
+                   model_name: str = "ridgeline") -> dict:
   if out.error is not None or out.finish_reason == "error":
-    return _error_record(item, f"line {item.line}: {out.error}")
+    code = None
+    if item.api is not None:
+      code = oaf.engine_error(out.error or "", item.api).code or "invalid_request"
+    return _error_record(item, f"line {item.line}: {out.error}", code)
+  if item.api is not None:
+    return _openai_result_record(item, out, token_text or oaf.TokenText(None), model_name)
   first = _completion(out.outputs[0], with_token_ids)
   record = {"id": item.id, "line": item.line, "text": first.pop("text"),
             "finish_reason": first.pop("finish_reason"),
@@ -573,6 +675,8 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   batch_sum = batch_max = decode_steps = 0
   kv_sum = kv_max = 0.0
   sched = engine.scheduler
+  token_text = oaf.TokenText(getattr(engine, "tokenizer", None))
+  model_name = getattr(getattr(engine, "model_config", None), "name", None) or "ridgeline"
   stats0 = collections.Counter(dict(getattr(sched, "stats", {})))
   pbar = tqdm(total=total, initial=len(writer.done), unit="req", file=sys.stderr,
               disable=not job.progress, dynamic_ncols=True, smoothing=0.1)
@@ -583,8 +687,9 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
     writer.append(records)
     for r in records:
       completed += 1
-      prompt_tokens += r.get("prompt_tokens", 0)
-      output_tokens += r.get("completion_tokens", 0)
+      view = _record_view(r)
+      prompt_tokens += view.get("prompt_tokens", 0)
+      output_tokens += view.get("completion_tokens", 0)
     pbar.update(len(records))
 
   try:
@@ -596,7 +701,7 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
           exhausted = True
           break
         if item.key is not None and seen.get(item.key, item.line) != item.line:
-          item = Item(item.line, None, error=(
+          item = Item(item.line, None, api=item.api, error_code="duplicate_custom_id", error=(
               f"line {item.line}: duplicate id {item.id!r} (first on line {seen[item.key]})"))
         elif item.key is not None:
           seen[item.key] = item.line
@@ -620,7 +725,8 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
           break
         out = engine.get_output(rid)
         if out.finished:  # failed validation
-          records.append(_result_record(item, out, job.token_ids))
+          records.append(_result_record(item, out, job.token_ids, token_text,
+                                        model_name))
           engine.release(rid)
         else:
           inflight[rid] = item
@@ -648,7 +754,8 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       for rid in sorted(ended, key=int):
         out = engine.get_output(rid)
         if out.finished:
-          records.append(_result_record(inflight.pop(rid), out, job.token_ids))
+          records.append(_result_record(inflight.pop(rid), out, job.token_ids, token_text,
+                                        model_name))
           engine.release(rid)
       finish(records)
       now = time.perf_counter()
@@ -702,8 +809,9 @@ def _rewrite_in_input_order(sources: Sequence[str], dest: str) -> Tally:
                          "for that part to repair it")
       if record["line"] in slim:
         continue
-      slim[record["line"]] = {k: record.get(k) for k in (
-          "id", "finish_reason", "prompt_tokens", "completion_tokens", "metrics")}
+      view = _record_view(record)
+      slim[record["line"]] = {k: view.get(k) for k in (
+          "id", "finish_reason", "prompt_tokens", "completion_tokens", "metrics", "openai")}
       index.append((record["line"], s, offset, len(raw)))
   in_order = sorted(index)
   seen: dict[str, int] = {}
@@ -714,9 +822,11 @@ def _rewrite_in_input_order(sources: Sequence[str], dest: str) -> Tally:
     if record["id"] is not None:
       key = str(record["id"])
       if key in seen:
-        record = fixes[line] = {
-            "id": None, "line": line, "finish_reason": "error",
-            "error": f"line {line}: duplicate id {record['id']!r} (first on line {seen[key]})"}
+        message = f"line {line}: duplicate id {record['id']!r} (first on line {seen[key]})"
+        fixes[line] = (_openai_error_record(line, None, message, "duplicate_custom_id")
+                       if record.get("openai") else
+                       {"id": None, "line": line, "finish_reason": "error", "error": message})
+        record = {"id": None, "line": line, "finish_reason": "error"}
       else:
         seen[key] = line
     tally.add(record)

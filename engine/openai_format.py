@@ -1,0 +1,434 @@
+"""OpenAI's API formats: request bodies -> prompts and SamplingParams, engine outputs
+-> `chat.completion` / `text_completion` objects (and their streaming chunks).
+
+One module for the server (engine/server.py) and the batch job (engine/batch.py),
+so a request means the same and a response looks the same in both.
+
+Requests are checked by pydantic models that forbid unknown fields (a typo is a 400
+naming it, not a silently ignored setting), then by `SamplingParams` for ranges.
+Every failure is an `OpenAIError` naming the field (`param`), the way OpenAI's API
+reports it: `{"error": {"message", "type", "param", "code"}}`.
+
+Fields: OpenAI's `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`,
+`n`, `stop`, `seed`, `presence_penalty`, `frequency_penalty`, `logprobs` /
+`top_logprobs`, `stream`, `stream_options.include_usage`; `user`, `metadata`,
+`store`, `service_tier` accepted and ignored; vLLM's extras `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+`skip_special_tokens`, `include_stop_str_in_output`. Chat message `content` is a
+string or an array of text parts (joined with newlines, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import uuid
+from typing import Any, Literal, Sequence, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from engine.sampling import MAX_LOGPROBS, SamplingParams
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+URLS = {CHAT_URL: "chat", COMPLETIONS_URL: "completion"}
+
+# OpenAI's documented default for /v1/completions; chat has none (the model length).
+COMPLETION_DEFAULTS = {"max_tokens": 16}
+CHAT_DEFAULTS: dict = {"max_tokens": None}
+
+_Number = Union[StrictInt, StrictFloat]
+
+
+class OpenAIError(Exception):
+  """A request that cannot run, as OpenAI's API reports it."""
+
+  def __init__(self, message: str, param: str | None = None, status: int = 400,
+               type: str = "invalid_request_error", code: str | None = None):
+    super().__init__(message)
+    self.message, self.param, self.status, self.type, self.code = (
+        message, param, status, type, code)
+
+  def body(self) -> dict:
+    return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+  return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# Requests ----------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+  include_usage: StrictBool = False
+  continuous_usage_stats: StrictBool = False  # vLLM's; accepted, not implemented: ignored
+
+
+class TextPart(_Strict):
+  type: Literal["text"]
+  text: StrictStr
+
+
+class Message(_Strict):
+  role: Literal["system", "developer", "user", "assistant", "tool"]
+  content: StrictStr | list[TextPart] | None = None
+  name: StrictStr | None = None
+
+
+class _Common(_Strict):
+  model: StrictStr | None = None
+  max_tokens: StrictInt | None = None
+  temperature: _Number | None = None
+  top_p: _Number | None = None
+  n: StrictInt | None = None
+  stop: StrictStr | list[StrictStr] | None = None
+  seed: StrictInt | None = None
+  presence_penalty: _Number | None = None
+  frequency_penalty: _Number | None = None
+  stream: StrictBool = False
+  stream_options: StreamOptions | None = None
+  # Accepted and ignored (they say nothing about generation).
+  user: StrictStr | None = None
+  metadata: dict[str, Any] | None = None
+  store: StrictBool | None = None
+  service_tier: StrictStr | None = None
+  # vLLM's extras.
+  top_k: StrictInt | None = None
+  min_p: _Number | None = None
+  repetition_penalty: _Number | None = None
+  min_tokens: StrictInt | None = None
+  ignore_eos: StrictBool | None = None
+  stop_token_ids: list[StrictInt] | None = None
+  skip_special_tokens: StrictBool | None = None
+  include_stop_str_in_output: StrictBool | None = None
+
+
+class ChatRequest(_Common):
+  messages: list[Message]
+  max_completion_tokens: StrictInt | None = None
+  logprobs: StrictBool | None = None
+  top_logprobs: StrictInt | None = None
+
+
+class CompletionRequest(_Common):
+  prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+  logprobs: StrictInt | None = None
+  echo: StrictBool | None = None
+  best_of: StrictInt | None = None
+  suffix: StrictStr | None = None
+
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                    "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                    "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                    "skip_special_tokens", "include_stop_str_in_output")
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+  """What a request body asks for: one engine request per prompt."""
+
+  kind: str  # "chat" | "completion"
+  prompts: list[Any]  # chat: one message list; completion: strings or token-id lists
+  params: SamplingParams
+  top_logprobs: int | None  # None: no logprobs
+  stream: bool = False
+  include_usage: bool = False
+  model: str | None = None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
+
+
+def _param_from_loc(loc: Sequence) -> str | None:
+  """pydantic's error location -> OpenAI's `param` (`messages[0].content`), without
+  the union-member tags pydantic adds (`str`, `list[int]`, ...)."""
+  out = ""
+  for part in loc:
+    if isinstance(part, int):
+      out += f"[{part}]"
+    elif (re.fullmatch(r"[a-z_]+", str(part)) and part not in _TYPE_TAGS
+          and not (part == "body" and not out)):
+      out += ("." if out else "") + part
+  return out or None
+
+
+def _validation_error(e: pydantic.ValidationError) -> OpenAIError:
+  # Of a union's alternatives, the one that got furthest names the field best.
+  err = max(e.errors(include_url=False), key=lambda x: len(x["loc"]))
+  param = _param_from_loc(err["loc"])
+  if err["type"] == "extra_forbidden":
+    return OpenAIError(f"Unrecognized request argument supplied: {param}", param)
+  if err["type"] == "missing":
+    return OpenAIError(f"Missing required parameter: '{param}'", param)
+  given = err.get("input")
+  shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+  return OpenAIError(f"Invalid value for '{param}': {err['msg']} (got {shown[:80]})", param)
+
+
+def _sampling_error(e: Exception, renames: dict[str, str]) -> OpenAIError:
+  """SamplingParams' messages start with the field they name."""
+  msg = str(e)
+  m = re.match(r"(\w+) ", msg)
+  field = m.group(1) if m else None
+  param = renames.get(field, field) if field in _SAMPLING_FIELDS + ("logprobs",) else None
+  if param and field != param:
+    msg = param + msg[len(field):]
+  return OpenAIError(f"Invalid value for '{param}': {msg}" if param else msg, param)
+
+
+def _content_text(message: Message, i: int) -> str:
+  content = message.content
+  if content is None:
+    if message.role != "assistant":
+      raise OpenAIError(f"messages[{i}].content is required for role '{message.role}'",
+                        f"messages[{i}].content")
+    return ""
+  if isinstance(content, str):
+    return content
+  return "\n".join(part.text for part in content)
+
+
+def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedRequest:
+  """Checks an OpenAI request body (`kind`: "chat" or "completion"); fields it does
+  not set take `defaults` (SamplingParams fields), then SamplingParams' defaults.
+  Raises OpenAIError naming the field."""
+  if not isinstance(body, dict):
+    raise OpenAIError(f"the request body must be a JSON object, got {type(body).__name__}")
+  model = ChatRequest if kind == "chat" else CompletionRequest
+  try:
+    req = model.model_validate(body)
+  except pydantic.ValidationError as e:
+    raise _validation_error(e) from None
+  given = req.model_fields_set
+  sampling = dict(defaults or {})
+  renames = {}
+  for f in _SAMPLING_FIELDS:
+    if f in given and getattr(req, f) is not None:
+      sampling[f] = getattr(req, f)
+  top_logprobs = None
+  if kind == "chat":
+    if req.max_completion_tokens is not None:
+      if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise OpenAIError("give max_completion_tokens or max_tokens, not both",
+                          "max_completion_tokens")
+      sampling["max_tokens"] = req.max_completion_tokens
+      renames["max_tokens"] = "max_completion_tokens"
+    if req.logprobs:
+      top_logprobs = req.top_logprobs or 0
+      renames["logprobs"] = "top_logprobs"
+    elif req.top_logprobs is not None:
+      raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
+    if not req.messages:
+      raise OpenAIError("messages must be a non-empty list", "messages")
+    prompts = [[{"role": m.role, "content": _content_text(m, i)}
+                for i, m in enumerate(req.messages)]]
+  else:
+    if req.echo:
+      raise OpenAIError("echo is not supported", "echo")
+    if req.suffix:
+      raise OpenAIError("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+      raise OpenAIError("best_of other than n is not supported", "best_of")
+    top_logprobs = req.logprobs
+    p = req.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+      prompts = [p]
+    else:
+      prompts = list(p)
+    if not prompts or any(len(x) == 0 for x in prompts):
+      raise OpenAIError("prompt must not be empty", "prompt")
+  if top_logprobs is not None:
+    if not 0 <= top_logprobs <= MAX_LOGPROBS:
+      raise OpenAIError(f"{'top_logprobs' if kind == 'chat' else 'logprobs'} must be in "
+                        f"[0, {MAX_LOGPROBS}], got {top_logprobs}",
+                        "top_logprobs" if kind == "chat" else "logprobs")
+    sampling["logprobs"] = top_logprobs
+  try:
+    params = SamplingParams.from_dict(sampling)
+  except (ValueError, TypeError) as e:
+    raise _sampling_error(e, renames) from None
+  opts = req.stream_options
+  if opts is not None and not req.stream:
+    raise OpenAIError("stream_options is only allowed with stream: true", "stream_options")
+  return ParsedRequest(kind, prompts, params, top_logprobs, req.stream,
+                       bool(opts and opts.include_usage), req.model)
+
+
+def engine_error(message: str, kind: str) -> OpenAIError:
+  """An error the engine recorded for a request it refused (add_request's checks)."""
+  prompt_param = "messages" if kind == "chat" else "prompt"
+  if "max_model_len" in message:
+    return OpenAIError(message, prompt_param, code="context_length_exceeded")
+  if "stop strings" in message:
+    return OpenAIError(message, "stop")
+  if "prompt" in message or "chat" in message or "message" in message:
+    return OpenAIError(message, prompt_param)
+  return _sampling_error(ValueError(message), {})
+
+
+# Responses ----------------------------------------------------------------------
+
+
+def new_id(kind: str) -> str:
+  return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def finish_reason(reason: str | None) -> str | None:
+  """OpenAI's values: `stop` (EOS, a stop string or stop token) and `length`."""
+  return reason
+
+
+def _byte_decoder() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, inverted: the character that stands for each byte."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+      range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class TokenText:
+  """Token id -> (text, UTF-8 bytes) as OpenAI reports them in logprobs; cached.
+
+  A token that is part of a multi-byte character decodes to U+FFFD; its real
+  bytes come from the vocabulary piece (byte-level BPE's alphabet, or
+  SentencePiece's `<0xNN>` byte pieces)."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self._cache: dict[int, tuple[str, list[int]]] = {}
+
+  def __call__(self, token_id: int) -> tuple[str, list[int]]:
+    hit = self._cache.get(token_id)
+    if hit is not None:
+      return hit
+    tok = self.tokenizer
+    if tok is None:
+      text, raw = f"token_id:{token_id}", None
+    else:
+      text = tok.decode([token_id], skip_special_tokens=False)
+      raw = text.encode("utf-8")
+      if "\ufffd" in text:
+        piece = tok.id_to_token(token_id) or ""
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+          raw = bytes([int(piece[3:5], 16)])
+        elif piece and all(c in _BYTE_DECODER for c in piece):
+          raw = bytes(_BYTE_DECODER[c] for c in piece)
+        text = raw.decode("utf-8", errors="backslashreplace")
+    out = (text, list(raw if raw is not None else text.encode()))
+    if len(self._cache) < 1 << 20:
+      self._cache[token_id] = out
+    return out
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+  # The engine's entry holds the sampled token and the top k (which may include it).
+  return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def chat_logprobs(token_text: TokenText, token_ids: Sequence[int],
+                  logprobs: Sequence[dict[int, float]], k: int) -> dict:
+  content = []
+  for t, entry in zip(token_ids, logprobs):
+    text, raw = token_text(t)
+    tops = []
+    for tid, lp in _top(entry, k):
+      ttext, traw = token_text(tid)
+      tops.append({"token": ttext, "logprob": lp, "bytes": traw})
+    content.append({"token": text, "logprob": entry.get(t), "bytes": raw,
+                    "top_logprobs": tops})
+  return {"content": content, "refusal": None}
+
+
+def completion_logprobs(token_text: TokenText, token_ids: Sequence[int],
+                        logprobs: Sequence[dict[int, float]], k: int,
+                        offset: int = 0) -> dict:
+  tokens, token_lps, tops, offsets = [], [], [], []
+  for t, entry in zip(token_ids, logprobs):
+    text, _ = token_text(t)
+    tokens.append(text)
+    token_lps.append(entry.get(t))
+    tops.append({token_text(tid)[0]: lp for tid, lp in _top(entry, k)})
+    offsets.append(offset)
+    offset += len(text)
+  return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+          "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response_body(kind: str, outputs: Sequence, model: str, token_text: TokenText,
+                  top_logprobs: int | None, request_id: str | None = None,
+                  created: int | None = None) -> dict:
+  """A `chat.completion` or `text_completion` object from finished RequestOutputs
+  (one per prompt; choice index = prompt index * n + completion index)."""
+  choices = []
+  prompt_tokens = completion_tokens = 0
+  for p, out in enumerate(outputs):
+    n = len(out.outputs)
+    prompt_tokens += len(out.prompt_token_ids)
+    for c in out.outputs:
+      completion_tokens += len(c.token_ids)
+      lp = None
+      if top_logprobs is not None and c.logprobs is not None:
+        lp = (chat_logprobs if kind == "chat" else completion_logprobs)(
+            token_text, c.token_ids, c.logprobs, top_logprobs)
+      choice = {"index": p * n + c.index}
+      if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
+      else:
+        choice["text"] = c.text
+      choice.update(logprobs=lp, finish_reason=finish_reason(c.finish_reason))
+      if c.stop_reason is not None:
+        choice["stop_reason"] = c.stop_reason  # vLLM's extra: which stop string / token
+      choices.append(choice)
+  return {"id": request_id or new_id(kind),
+          "object": "chat.completion" if kind == "chat" else "text_completion",
+          "created": int(created if created is not None else time.time()), "model": model,
+          "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+          "system_fingerprint": None}
+
+
+def chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+          include_usage: bool = False) -> dict:
+  """One streaming chunk (`chat.completion.chunk` or `text_completion`)."""
+  out = {"id": request_id, "object": "chat.completion.chunk" if kind == "chat"
+         else "text_completion", "created": created, "model": model, "choices": choices,
+         "system_fingerprint": None}
+  if include_usage:
+    out["usage"] = None
+  return out
+
+
+def chunk_choice(kind: str, index: int, text: str | None, logprobs: dict | None,
+                 finish: str | None, first: bool = False) -> dict:
+  if kind == "chat":
+    delta = {}
+    if first:
+      delta["role"] = "assistant"
+    if text is not None:
+      delta["content"] = text
+    return {"index": index, "delta": delta, "logprobs": logprobs,
+            "finish_reason": finish_reason(finish)}
+  return {"index": index, "text": text or "", "logprobs": logprobs,
+          "finish_reason": finish_reason(finish)}
