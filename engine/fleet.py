@@ -291,7 +291,11 @@ class EngineWorker:
     self._start()
 
   def _start(self) -> None:
+    from engine import openai_format
     self.engine = self.spec.build()
+    # What batch.py's record builders need for OpenAI batch lines.
+    self._token_text = openai_format.TokenText(self.engine.tokenizer)
+    self._model_name = getattr(self.engine.model_config, "name", None) or "ridgeline"
     self._cond = threading.Condition()
     self._pending: collections.deque = collections.deque()  # (item, call, k)
     self._stop = False
@@ -368,7 +372,7 @@ class EngineWorker:
             break
           out = engine.get_output(rid)
           if out.finished:  # failed validation: an error record
-            self._deliver(call, k, batch._result_record(item, out, self.token_ids))
+            self._deliver(call, k, self._record(item, out))
             engine.release(rid)
           else:
             inflight[rid] = (item, call, k)
@@ -381,7 +385,7 @@ class EngineWorker:
             out = engine.get_output(rid)
             if out.finished:
               item, call, k = inflight.pop(rid)
-              self._deliver(call, k, batch._result_record(item, out, self.token_ids))
+              self._deliver(call, k, self._record(item, out))
               engine.release(rid)
         self._snapshot = {"running": len(inflight), "waiting": len(self._pending),
                           "kv_utilization": engine.kv_utilization()}
@@ -392,6 +396,9 @@ class EngineWorker:
         self._pending.clear()
       for _, call, _ in list(inflight.values()) + waiting:
         call.fail(RuntimeError(f"engine failed: {e!r}"))
+
+  def _record(self, item: batch.Item, out) -> dict:
+    return batch._result_record(item, out, self.token_ids, self._token_text, self._model_name)
 
   def _deliver(self, call: _Call, k: int, record: dict) -> None:
     self._served += 1
@@ -606,7 +613,8 @@ class _Journal:
   def check(self, name: str, block: Sequence[batch.Item]) -> list[dict]:
     """A committed block's records, checked against the input's lines and ids."""
     records = batch.read_records(self.path(name))
-    got = [(r["line"], None if r.get("id") is None else str(r["id"])) for r in records]
+    views = [batch._record_view(r) for r in records]
+    got = [(v["line"], None if v.get("id") is None else str(v["id"])) for v in views]
     want = [(it.line, it.key) for it in block]
     if got != want:
       raise RuntimeError(f"{self.path(name)} does not hold the input's lines and ids "
@@ -723,8 +731,9 @@ def run_job(fleet: Fleet, job: FleetJob, router=None,
         b["records"][r["line"]] = r
         b["left"] -= 1
         stats["requests"] += 1
-        stats["prompt_tokens"] += r.get("prompt_tokens") or 0
-        stats["output_tokens"] += r.get("completion_tokens") or 0
+        view = batch._record_view(r)
+        stats["prompt_tokens"] += view.get("prompt_tokens") or 0
+        stats["output_tokens"] += view.get("completion_tokens") or 0
     pbar.update(len(records))
     if b["left"] == 0:
       journal.commit(name, [b["records"][k] for k in sorted(b["records"])])
