@@ -308,3 +308,99 @@ def test_prefix_affinity_beats_round_robin_on_shared_prefixes(fleet, tmp_path):
   assert hit_aff > hit_rr
   share = groups * per_group / len(fleet)
   assert max(aff["run"]["requests_per_worker"]) <= share + per_group
+
+
+# Ray Serve ------------------------------------------------------------------------------
+
+
+def test_serve_fleet_answers_the_openai_client_and_429s_when_every_replica_is_full(
+    ray_cluster, fleet, compile_cache):
+  """Two replicas of the server behind the ingress on 127.0.0.1: the openai client's
+  greedy completions equal Engine.generate on the same weights; with each replica
+  holding its one allowed request, the next gets 429 with Retry-After."""
+  import socket
+  import threading
+  import httpx
+  import openai
+  from flax import nnx
+  from ray import serve
+  from configs import models
+  from engine.engine import Engine, SamplingParams
+  from model import default_model
+  from model import transformer as transformer_lib
+  from model.tokenizer import Tokenizer
+
+  config = EngineConfig(page_size=16, num_pages=64, max_model_len=128, max_batch=4,
+                        prefill_chunk=64, max_prefill_batch=2)
+  gguf = str(default_model.gguf_path())
+  spec = fleet_lib.EngineSpec(preset="tiny", config=config, tokenizer_gguf=gguf,
+                              compilation_cache_dir=compile_cache)
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  port = sock.getsockname()[1]
+  sock.close()
+  t0 = time.perf_counter()
+  fleet_lib.serve_fleet(spec, 2, host="127.0.0.1", port=port, model_name="tiny",
+                        max_pending=1, num_cpus=0.25, runtime_env=_worker_env())
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 180
+    while True:
+      try:
+        if httpx.get(url + "/health", timeout=5).status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      assert time.monotonic() < deadline, "the Serve fleet did not become ready"
+      time.sleep(0.2)
+    print(f"Serve fleet (2 replicas + ingress) ready in {time.perf_counter() - t0:.1f} s")
+
+    tokenizer = Tokenizer.from_gguf(gguf)
+    model = transformer_lib.Transformer(
+        models.get("tiny").replace(vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
+    reference = Engine(model, tokenizer, config)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    prompts = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+    expected = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+    for prompt, exp in zip(prompts, expected):
+      got = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+      assert got.choices[0].text == exp.text and got.usage.completion_tokens == 8
+    messages = [{"role": "user", "content": "Hi there"}]
+    exp = reference.generate([messages], SamplingParams(temperature=0, max_tokens=8))[0]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8,
+                                          temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == exp.text
+
+    # Fill both replicas (bound 1 each) with long streams, then one more request.
+    holds, started = [], threading.Event()
+
+    def hold(k):
+      with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+          "model": "tiny", "prompt": f"story {k}", "max_tokens": 100, "temperature": 0,
+          "stream": True}) as r:
+        holds.append(r.status_code)
+        for _ in r.iter_lines():
+          started.set()
+
+    threads = [threading.Thread(target=hold, args=(k,)) for k in range(2)]
+    for t in threads:
+      t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      view = httpx.get(url + "/fleet").json()
+      if [r["in_flight"] for r in view["replicas"]] == [1, 1]:
+        break
+      time.sleep(0.02)
+    assert [r["in_flight"] for r in view["replicas"]] == [1, 1], view
+    r = httpx.post(url + "/v1/completions", timeout=30, json={
+        "model": "tiny", "prompt": "one more", "max_tokens": 4})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    for t in threads:
+      t.join(120)
+    assert holds == [200, 200]
+    fleet_metrics = httpx.get(url + "/metrics").text
+    assert "ridgeline_fleet_rejected_total 1.0" in fleet_metrics
+    assert "ridgeline_decode_batch_size" in httpx.get(url + "/replicas/1/metrics").text
+  finally:
+    serve.shutdown()
