@@ -934,11 +934,12 @@ class ServerReplica:
   the ingress through a deployment handle (no second HTTP hop)."""
 
   def __init__(self, spec: EngineSpec, model_name: str | None, max_pending: int | None,
-               retry_after_s: int):
+               retry_after_s: int, api_key: str | None = None):
     from engine.server import create_app
     self.engine = spec.build()
-    self.app = create_app(self.engine, model_name=model_name, max_pending=max_pending,
-                          retry_after_s=retry_after_s)
+    # The ingress forwards the client's headers, so the replicas check the API key.
+    self.app = create_app(self.engine, model_name=model_name, api_key=api_key,
+                          max_pending=max_pending, retry_after_s=retry_after_s)
     self.max_pending = max_pending or self.engine.config.max_waiting
     self._life = None
 
@@ -1104,6 +1105,7 @@ def _ingress_app(replica_names: Sequence[str], app_name: str, retry_after_s: int
 def serve_fleet(spec: EngineSpec, num_replicas: int = 2, *, host: str = "127.0.0.1",
                 port: int = 8000, model_name: str | None = None,
                 max_pending: int | None = None, retry_after_s: int = 1,
+                api_key: str | None = None,
                 tolerance: float = 0.5, num_cpus: float = 1, num_gpus: float | None = None,
                 app_name: str = "ridgeline", runtime_env: dict | None = None):
   """Starts Ray Serve (on the initialized Ray) with `num_replicas` server replicas
@@ -1122,7 +1124,7 @@ def serve_fleet(spec: EngineSpec, num_replicas: int = 2, *, host: str = "127.0.0
   replica = serve.deployment(ServerReplica)
   binds = [replica.options(name=nm, num_replicas=1, ray_actor_options=options,
                            max_ongoing_requests=100000).bind(
-                               spec, model_name, max_pending, retry_after_s)
+                               spec, model_name, max_pending, retry_after_s, api_key)
            for nm in names]
   ingress_options = {"num_cpus": 0}
   if runtime_env:
