@@ -120,7 +120,8 @@ def _run_on_ray() -> int:
                           max_restarts=FLAGS.ray_max_restarts,
                           token_ids=FLAGS.token_ids)
   load_s = time.perf_counter() - t0 - ray_s
-  print(f"Ray up in {ray_s:.1f} s ({resources}); {len(fleet)} engines built in "
+  shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+  print(f"Ray up in {ray_s:.1f} s ({shown}); {len(fleet)} engines built in "
         f"{load_s:.1f} s; committing blocks under {fleet_lib.block_dir(FLAGS.output)}",
         file=sys.stderr)
   job = fleet_lib.FleetJob(
