@@ -268,6 +268,9 @@ def test_killed_driver_rerun_completes_the_rest_once(ray_cluster, fleet, job_inp
   summary = fleet_lib.run_job(fleet, _fleet_job(job_input, out, block_size=4))
   records = batch.read_records(str(out))
   lines = [r["line"] for r in records]
+  print(f"driver kill: {committed_before} of 8 blocks committed before the kill; rerun skipped "
+        f"{summary['run']['skipped']} lines, ran {summary['run']['requests']}; output "
+        f"{len(lines)} lines, {len(lines) - len(set(lines))} duplicates")
   assert summary["run"]["skipped_blocks"] == committed_before
   assert summary["run"]["skipped"] + summary["run"]["requests"] == 32
   assert len(lines) == len(set(lines)) == 32
