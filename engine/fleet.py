@@ -823,6 +823,9 @@ def run_job(fleet: Fleet, job: FleetJob, router=None,
           except ray.exceptions.RayActorError:
             pass
           load_ref, load_time = None, now
+  except BaseException:
+    journal.close()  # the committed blocks stay; a rerun takes the lock again
+    raise
   finally:
     pbar.close()
   wall = time.perf_counter() - t0
@@ -834,8 +837,10 @@ def run_job(fleet: Fleet, job: FleetJob, router=None,
     same = s["pid"] == pid0  # a restarted engine's counters start again at 0
     queries += s["prefix_queries"] - (q0 if same else 0)
     hits += s["prefix_hits"] - (h0 if same else 0)
-  tally = _assemble(journal, order, job.output)
-  journal.close()
+  try:
+    tally = _assemble(journal, order, job.output)
+  finally:
+    journal.close()
   summary = {"input": job.input, "output": job.output, "complete": True, **tally.as_dict(),
              "run": {**stats, "wall_time_s": round(wall, 3),
                      "output_tokens_per_s": stats["output_tokens"] / wall if wall else 0.0,
