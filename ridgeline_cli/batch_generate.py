@@ -21,6 +21,14 @@ Two ways to use several processes:
   --process_id; the mesh spans them): the processes run in lockstep, every one reads
   the whole input, and process 0 writes OUTPUT.
 
+And one over many engines: --ray runs the job on a fleet of Ray actors (engine/
+fleet.py), one engine per GPU (or per --ray_worker_cpus CPUs), requests routed by
+prefix affinity then load, output committed block by block under OUTPUT.blocks/.
+A local Ray instance by default; --ray_address joins a cluster (see docs/ray.md):
+
+  python scripts/batch_generate.py --ray --input in.jsonl --output out.jsonl
+  python scripts/batch_generate.py --ray --ray_address head:6379 --input in.parquet ...
+
 Exit status: 0 when every line produced a completion, else the number of error
 lines (capped at 125).
 """
@@ -67,7 +75,86 @@ flags.DEFINE_string("metrics_addr", "127.0.0.1", "Address for --metrics_port (0.
                     "exposes it to the network).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.DEFINE_integer("show", 0, "Print this many completions at the end.")
+# On Ray (engine/fleet.py).
+flags.DEFINE_bool("ray", False, "Run on a fleet of engines on Ray.")
+flags.DEFINE_string("ray_address", None, "Join this Ray cluster (host:port, or 'auto'); "
+                    "default: start a local Ray instance.")
+flags.DEFINE_integer("ray_num_cpus", None, "CPUs of the local Ray instance (default: all).")
+flags.DEFINE_integer("ray_workers", 0, "Engines (0: one per GPU, or per --ray_worker_cpus "
+                     "CPUs without GPUs).")
+flags.DEFINE_float("ray_worker_cpus", 1, "CPUs each engine actor reserves.")
+flags.DEFINE_float("ray_worker_gpus", None, "GPUs each engine actor reserves (default: 1 "
+                   "when the cluster has GPUs, else 0).")
+flags.DEFINE_bool("ray_ship_code", True, "Workers run this process's Ridgeline code: "
+                  "from its directory locally, uploaded (py_modules) to a cluster. Turn off "
+                  "when the nodes have the package installed.")
+flags.DEFINE_integer("ray_max_restarts", -1, "Restarts of a dead engine actor (-1: no limit).")
+flags.DEFINE_enum("routing", "prefix_affinity", ["prefix_affinity", "round_robin"],
+                  "How requests are spread over the engines.")
+flags.DEFINE_integer("block_size", 64, "Input lines per committed output block (--ray).")
+flags.DEFINE_enum("input_format", None, ["jsonl", "parquet"],
+                  "Default: parquet for a .parquet file or a directory, else jsonl.")
 FLAGS = flags.FLAGS
+
+
+def _run_on_ray() -> int:
+  import shutil
+  from engine import fleet as fleet_lib
+  from model import loading
+  if FLAGS.process_count > 1 or FLAGS.coordinator_address or FLAGS.mesh:
+    raise app.UsageError("--ray runs one engine per actor on one device each; it does not "
+                         "combine with --process_count, --coordinator_address or --mesh")
+  # The output's lock first, as the single-process job takes it (never both at once).
+  lock = batch.JobLock(FLAGS.output)
+  try:
+    if FLAGS.overwrite:
+      batch._remove_outputs(FLAGS.output)  # noqa: SLF001 -- the job's own rule, under its lock
+      shutil.rmtree(fleet_lib.block_dir(FLAGS.output), ignore_errors=True)
+    return _fleet_job(fleet_lib, loading)
+  finally:
+    lock.release()
+
+
+def _fleet_job(fleet_lib, loading) -> int:
+  t0 = time.perf_counter()
+  # The job's runtime_env: Ray uploads py_modules only at this level.
+  runtime_env = (fleet_lib.code_runtime_env(ship=bool(FLAGS.ray_address))
+                 if FLAGS.ray_ship_code else None)
+  resources = fleet_lib.init_ray(FLAGS.ray_address, FLAGS.ray_num_cpus,
+                                 log_to_driver=False, runtime_env=runtime_env)
+  ray_s = time.perf_counter() - t0
+  checkpoint = FLAGS.checkpoint
+  if checkpoint is None and FLAGS.model is None:  # convert once here, not in every actor
+    checkpoint = str(loading.ensure_default_checkpoint(FLAGS.cache_dir))
+  spec = fleet_lib.EngineSpec(checkpoint=checkpoint, preset=FLAGS.model,
+                              cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
+                              config=flags_common.engine_config(),
+                              compilation_cache_dir=flags_common.compilation_cache_dir())
+  fleet = fleet_lib.Fleet(spec, num_workers=FLAGS.ray_workers or None,
+                          num_gpus=FLAGS.ray_worker_gpus, num_cpus=FLAGS.ray_worker_cpus,
+                          max_restarts=FLAGS.ray_max_restarts,
+                          token_ids=FLAGS.token_ids)
+  load_s = time.perf_counter() - t0 - ray_s
+  shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+  print(f"Ray up in {ray_s:.1f} s ({shown}); {len(fleet)} engines built in "
+        f"{load_s:.1f} s; committing blocks under {fleet_lib.block_dir(FLAGS.output)}",
+        file=sys.stderr)
+  job = fleet_lib.FleetJob(
+      input=FLAGS.input, output=FLAGS.output, default_sampling=_default_sampling(),
+      seed=FLAGS.seed, block_size=FLAGS.block_size,
+      max_in_flight=FLAGS.max_in_flight or None, input_format=FLAGS.input_format,
+      progress=FLAGS.progress, fsync=FLAGS.fsync)
+  summary = fleet_lib.run_job(fleet, job, fleet_lib.make_router(FLAGS.routing))
+  summary["run"]["ray_init_s"] = round(ray_s, 3)
+  summary["run"]["load_time_s"] = round(load_s, 3)
+  if FLAGS.show:
+    _show(FLAGS.output, FLAGS.show)
+  print(batch.format_summary(summary))
+  run = summary["run"]
+  print(f"fleet         {run['workers']} engines, {run['routing']}, requests per engine "
+        f"{run['requests_per_worker']}, restarts {run['worker_restarts']}")
+  print(f"summary: {batch.summary_path(FLAGS.output)}")
+  return min(summary["errors"], 125)
 
 
 def _default_sampling() -> dict:
@@ -96,6 +183,8 @@ def _show(path: str, k: int) -> None:
 
 def main(argv):
   del argv
+  if FLAGS.ray:
+    return _run_on_ray()
   if FLAGS.merge:
     if not FLAGS.process_count:
       raise app.UsageError("--merge needs --process_count")
