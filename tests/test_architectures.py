@@ -179,3 +179,22 @@ def test_moe_greedy_unchanged_on_a_mesh(case, mesh, root):
   else:
     assert shard.shape == (config.num_experts, config.hidden_size, config.expert_size // m)
     assert "tensor parallelism within experts" in report
+
+
+def test_moe_presets_count_active_experts_only():
+  from configs import models
+  from engine import roofline
+  qwen = models.get("qwen3-30b-a3b")
+  mixtral = models.get("mixtral-8x7b")
+  # The published sizes: 30.5B total / 3.3B active; 46.7B / 12.9B.
+  assert round(qwen.num_params() / 1e9, 1) == 30.5
+  assert round(qwen.num_params(active=True) / 1e9, 1) == 3.4
+  assert round(mixtral.num_params() / 1e9, 1) == 46.7
+  assert round(mixtral.num_params(active=True) / 1e9, 1) == 12.9
+  one, many = roofline.decode_cost(qwen, [256]), roofline.decode_cost(qwen, [256] * 64)
+  every_expert = roofline.weight_bytes(qwen)
+  # One token reads its 8 experts per layer, 64 tokens nearly all 128 of them.
+  assert one.weight_bytes < 0.15 * every_expert < many.weight_bytes
+  assert many.weight_bytes == pytest.approx(every_expert, rel=0.05)
+  # FLOPs: 2 per active weight per token (plus attention), not per expert weight.
+  assert one.flops == pytest.approx(2 * qwen.num_params(active=True), rel=0.1)
