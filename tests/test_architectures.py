@@ -110,6 +110,7 @@ def test_configs_carry_the_architecture(root):
   mistral, _ = load_hf(_saved("mistral_sliding", root)[0])
   # The window limits attention, not the context.
   assert mistral.sliding_window == WINDOW and mistral.max_position_embeddings == 512
+  assert mistral.kv_window == WINDOW and gemma3.kv_window is None  # global layers
   qwen3, _ = load_hf(_saved("qwen3", root)[0])
   assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.sliding_window is None
   mixtral, params = load_hf(_saved("mixtral", root)[0])
