@@ -40,6 +40,57 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=14, num_kv_heads=2, head_dim=64, intermediate_size=4864,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
         max_position_embeddings=32768, param_dtype="bfloat16", compute_dtype="bfloat16"),
+    # Small random MoE for CPU tests and benchmarks.
+    "tiny-moe": ModelConfig(
+        name="tiny-moe", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=512,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64),
+    # The architectures of the new converters, at their real sizes.
+    "qwen3-0.6b": ModelConfig(
+        name="qwen3-0.6b", vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, intermediate_size=3072, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, qk_norm=True,
+        max_position_embeddings=40960, param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "qwen3-8b": ModelConfig(
+        name="qwen3-8b", vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, intermediate_size=12288, rope_theta=1e6,
+        rms_norm_eps=1e-6, qk_norm=True, max_position_embeddings=40960,
+        param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "mistral-7b-v0.1": ModelConfig(
+        name="mistral-7b-v0.1", vocab_size=32000, hidden_size=4096, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
+        rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=4096,
+        max_position_embeddings=32768, param_dtype="bfloat16", compute_dtype="bfloat16"),
+    **{name: ModelConfig(
+        name=name, vocab_size=262144, hidden_size=hidden, num_layers=layers, num_heads=4,
+        num_kv_heads=1, head_dim=256, intermediate_size=ffn, rope_theta=1e6,
+        rope_local_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True, qk_norm=True,
+        norm_weight_offset=1.0, sandwich_norms=True, activation="gelu_tanh",
+        embed_scale=True, query_pre_attn_scalar=256, sliding_window=512,
+        layer_types=tuple("sliding" if (i + 1) % 6 else "full" for i in range(layers)),
+        max_position_embeddings=32768, param_dtype="bfloat16", compute_dtype="bfloat16")
+       for name, hidden, layers, ffn in (("gemma3-270m", 640, 18, 2048),
+                                         ("gemma3-1b", 1152, 26, 6912))},
+    "gemma2-2b": ModelConfig(
+        name="gemma2-2b", vocab_size=256000, hidden_size=2304, num_layers=26, num_heads=8,
+        num_kv_heads=4, head_dim=256, intermediate_size=9216, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, norm_weight_offset=1.0,
+        sandwich_norms=True, activation="gelu_tanh", embed_scale=True,
+        query_pre_attn_scalar=256, attn_softcap=50.0, final_softcap=30.0,
+        sliding_window=4096,
+        layer_types=tuple("sliding" if (i + 1) % 2 else "full" for i in range(26)),
+        max_position_embeddings=8192, param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "mixtral-8x7b": ModelConfig(
+        name="mixtral-8x7b", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, intermediate_size=14336, rope_theta=1e6,
+        rms_norm_eps=1e-5, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "qwen3-30b-a3b": ModelConfig(
+        name="qwen3-30b-a3b", vocab_size=151936, hidden_size=2048, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True,
+        max_position_embeddings=40960, param_dtype="bfloat16", compute_dtype="bfloat16"),
 }
 
 

@@ -165,6 +165,15 @@ class ModelConfig:
     None: all of them."""
     return self.sliding_window if self.layer_type(layer) == "sliding" else None
 
+  @property
+  def kv_window(self) -> int | None:
+    """How many latest positions any layer can still attend to, when every layer
+    slides (Mistral); None when some layer attends to everything (Gemma's global
+    layers, full-attention models). A KV page whose last position is below
+    `next_position - kv_window + 1` is never read again and can be released."""
+    windows = [self.layer_window(i) for i in range(self.num_layers)]
+    return None if None in windows else max(windows)
+
   def layer_uses_local_rope(self, layer: int) -> bool:
     """Sliding layers of a model with a separate local RoPE base (Gemma 3) use it,
     unscaled; every other layer uses rope_theta and rope_scaling."""
