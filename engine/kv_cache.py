@@ -148,6 +148,9 @@ class KVCacheManager:
   def __init__(self, num_pages: int, page_size: int):
     self.page_size = page_size
     self.allocator = PageAllocator(num_pages)
+    # The runner's scratch page (index num_pages, owned by no sequence): a block-table
+    # entry whose page a sliding window has released points there.
+    self.scratch = num_pages
 
   @property
   def num_free(self) -> int:
@@ -173,8 +176,19 @@ class KVCacheManager:
     """Drops the sequence's pages (full ones stay in the prefix cache) and resets it
     to nothing computed. Last pages first, so the LRU evicts a sequence's tail
     before its prefix."""
-    self.allocator.free(reversed(seq.pages))
+    self.allocator.free(p for p in reversed(seq.pages) if p != self.scratch)
     seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+
+  def release_before(self, seq, position: int) -> None:
+    """Frees the pages that hold only positions before `position`, which a sliding
+    window has moved past for good (every layer slides): the cache of a long
+    sequence stays bounded. Their entries become the scratch page; attention
+    masks those positions anyway. A published page stays in the prefix cache."""
+    n = min(max(position, 0) // self.page_size, len(seq.pages))
+    freed = [p for p in seq.pages[:n] if p != self.scratch]
+    if freed:
+      self.allocator.free(freed)
+      seq.pages[:n] = [self.scratch] * n
 
   def reuse_prefix(self, seq, tokens: Sequence[int]) -> int:
     """Points a sequence about to start at the cached pages of its longest cached
@@ -202,7 +216,8 @@ class KVCacheManager:
     for j in range(len(seq.page_keys), min(seq.num_computed, len(tokens)) // s):
       previous = seq.page_keys[-1] if seq.page_keys else b""
       key = page_hash(previous, tokens[j * s:(j + 1) * s])
-      self.allocator.cache(seq.pages[j], key)
+      if seq.pages[j] != self.scratch:
+        self.allocator.cache(seq.pages[j], key)
       seq.page_keys.append(key)
 
   def fork(self, parent, child, upto: int) -> None:
@@ -211,7 +226,7 @@ class KVCacheManager:
     fewer than a page of tokens plus the last one, itself; the shared pages are
     never written again)."""
     full = upto // self.page_size
-    self.allocator.share(parent.pages[:full])
+    self.allocator.share(p for p in parent.pages[:full] if p != self.scratch)
     child.pages = list(parent.pages[:full])
     child.page_keys = list(parent.page_keys[:full])
     child.num_computed = full * self.page_size

@@ -129,6 +129,8 @@ class Scheduler:
     self.planner = planner
     self.metrics = metrics
     self.kv = kv_cache.KVCacheManager(runner.num_pages, config.page_size)
+    # Keys older than this many positions are never read again (None: they are).
+    self.kv_window = runner.model_config.kv_window
     self.eos_ids = list(eos_ids)
     self.waiting: collections.deque[Seq] = collections.deque()
     self.running: list[Seq] = []  # sequences holding pages, in arrival order
@@ -319,6 +321,11 @@ class Scheduler:
     pending = self.runner.dispatch(decode_rows, chunk_rows, decode_samples, chunk_samples,
                                    shape)
     rows = []
+    if self.kv_window is not None:
+      # Pages the window has passed for good (the dispatched step has read them;
+      # a later step that reuses them runs after it).
+      for s in decode + [s for s, _ in chunks]:
+        self.kv.release_before(s, s.num_computed + 1 - self.kv_window)
     for i, s in enumerate(decode):
       s.num_computed += 1
       s.inflight += 1

@@ -245,3 +245,27 @@ def test_qwen3_moe_gguf_as_llama_cpp_writes_it(root, tmp_path):
                                       max_position_embeddings=512)
   for name, w in params_lib.flatten(got).items():
     np.testing.assert_array_equal(w, flat[name], err_msg=name)
+
+
+def test_sliding_window_releases_pages_behind_the_window(root):
+  """Mistral (every layer slides): a sequence far longer than the window holds only
+  the pages the window still covers, and its greedy tokens stay transformers'."""
+  path, hf_model = _saved("mistral_sliding", root)
+  config, params = load_hf(path)
+  assert config.kv_window == WINDOW
+  model = transformer_lib.from_params(config, params)
+  engine = Engine(model, None, EngineConfig(page_size=8, num_pages=64, max_batch=4,
+                                            prefill_chunk=24, max_prefill_batch=2))
+  prompt = _prompts(1, length=40)[0]
+  rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=48))
+  most = 0
+  while engine.has_unfinished():
+    engine.step()
+    most = max(most, engine.scheduler.allocator.num_used)
+  out = engine.get_output(rid)
+  # 88 tokens would need 11 pages; the window (16) spans at most 3 of 8 tokens, plus
+  # the page being written and one a step ahead.
+  assert most <= 5, most
+  assert out.token_ids == hf_greedy(hf_model, prompt, 48)
+  engine.release(rid)
+  assert engine.num_free_pages() == 64
