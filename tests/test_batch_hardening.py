@@ -57,7 +57,8 @@ def _job(inp, out, max_tokens=8, **kw):
 
 
 class Hooked:
-  """The engine, with a hook before each step (to act in the middle of a run)."""
+  """The engine, with a hook before each output it hands the job (to act in the
+  middle of a run: the job's loop is `Engine.iterate`)."""
 
   def __init__(self, engine, before_step):
     self._engine, self._before_step, self.steps = engine, before_step, 0
@@ -65,10 +66,11 @@ class Hooked:
   def __getattr__(self, name):
     return getattr(self._engine, name)
 
-  def step(self):
-    self.steps += 1
-    self._before_step(self.steps)
-    return self._engine.step()
+  def iterate(self, requests, **kwargs):
+    for out in self._engine.iterate(requests, **kwargs):
+      self.steps += 1
+      self._before_step(self.steps)
+      yield out
 
 
 # Defect 1 -------------------------------------------------------------------------
