@@ -432,7 +432,7 @@ class Engine:
           if not exhausted:  # the queue is full of other callers' requests
             self.step()
           continue
-        done = []
+        done: dict[str, None] = {}  # n > 1: several completions may end in one step
         for d in self.step():
           if d.request_id not in live:
             continue  # a request of another caller of add_request
@@ -440,7 +440,7 @@ class Engine:
             yield StreamOutput(d.request_id, d.index, d.text, d.token_ids, d.finished,
                                d.finish_reason)
           if d.finished and self.scheduler.requests[d.request_id].finished:
-            done.append(d.request_id)
+            done[d.request_id] = None
         for rid in done:
           out = self.get_output(rid)
           out.prompt = live.pop(rid).prompt

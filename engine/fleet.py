@@ -440,7 +440,8 @@ def code_runtime_env(ship: bool = False) -> dict:
   for a source checkout that the nodes do not have installed (Ray takes this
   only as the job's runtime_env: `init_ray(..., runtime_env=...)`).
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(batch.__file__)))
+  import engine  # the package this process runs
+  root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
   if ship:
     return {"py_modules": [os.path.join(root, p) for p in ("engine", "model", "configs")]}
   return {"env_vars": {"PYTHONPATH": root}}

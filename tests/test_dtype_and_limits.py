@@ -55,7 +55,7 @@ def test_a_512_token_model_runs_with_default_flags():
   engine = Engine(model, None, EngineConfig())
   assert engine.config.max_model_len == 512
   prompt = list(np.random.default_rng(0).integers(1, 500, 500))
-  out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=100))[0]
+  out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=None))[0]
   assert out.error is None and len(out.token_ids) == 12 and out.finish_reason == "length"
 
 

@@ -64,9 +64,9 @@ from engine.batch.records import (  # noqa: F401
     _looks_openai, _openai_error_record, _openai_ids, _openai_result_record, _parse_record,
     _record_view, _result_record, _round, derive_seed, make_dataset, parse_line)
 from engine.batch.journal import (  # noqa: F401
-    JobLock, LockedError, ResultWriter, Tally, _FollowerWriter, _agree_on_done, _iter_lines,
-    _merge_locked, _read_json, _remove_outputs, _rewrite_in_input_order, merge_parts,
-    part_path, read_records, summary_path)
+    _write_json, JobLock, LockedError, ResultWriter, Tally, _FollowerWriter, _agree_on_done,
+    _iter_lines, _merge_locked, _read_json, _remove_outputs, _rewrite_in_input_order,
+    merge_parts, part_path, read_records, summary_path)
 from engine.batch.report import (  # noqa: F401
     _COUNTERS, _PERCENTILES, _engine_counts, _flat, _fmt_pct, _percentiles, format_summary)
 from engine.batch.job import (  # noqa: F401

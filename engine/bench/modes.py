@@ -459,10 +459,12 @@ def check_kernels(c, page: int) -> dict:
     shape = (batch * nb + 1, page, c.num_kv_heads, c.head_dim)
     kp = jnp.asarray(rng.standard_normal(shape), dtype)
     vp = jnp.asarray(rng.standard_normal(shape), dtype)
-    q = jnp.asarray(rng.standard_normal((batch, 1, c.num_heads, c.head_dim)), dtype)
+    q = jnp.asarray(rng.standard_normal((batch, c.num_heads, c.head_dim)), dtype)
     tables = jnp.asarray(rng.permutation(batch * nb).reshape(batch, nb), jnp.int32)
     lens = jnp.asarray(rng.integers(ctx // 2, ctx + 1, batch), jnp.int32)
-    args = (q, kp, vp, tables, lens[:, None] - 1, lens)
+    layout = attention.StepLayout(tables, lens, jnp.zeros((0, nb), jnp.int32),
+                                  jnp.zeros((0,), jnp.int32))  # decode rows only
+    args = (q, kp, vp, lens - 1, layout)
     fns = {name: jax.jit(lambda *a, impl=name: attention.attend(*a, impl=impl))
            for name in ("xla", impl)}
     ref = fns["xla"](*args).astype(jnp.float32)
