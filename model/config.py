@@ -57,6 +57,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   name: str = ""
+  # None, or a model/quant.py mode ("int8", "int4", "fp8"): the per-layer
+  # projections are qwix QArrays of that kind (param_dtype covers the rest).
+  quantization: str | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -74,6 +77,9 @@ class ModelConfig:
         jnp.dtype(getattr(self, field))
       except TypeError as e:
         raise ValueError(f"ModelConfig.{field}: unknown dtype {getattr(self, field)!r}") from e
+    if self.quantization not in (None, "int8", "int4", "fp8"):
+      raise ValueError(f"ModelConfig.quantization must be None, 'int8', 'int4' or 'fp8', "
+                       f"got {self.quantization!r}")
 
   # Derived quantities -------------------------------------------------------
 
@@ -101,9 +107,11 @@ class ModelConfig:
     return v * d + self.num_layers * per_layer + d + head
 
   def kv_bytes_per_token(self, dtype=None) -> int:
-    """Bytes of K and V cache one token occupies across all layers."""
-    itemsize = jnp.dtype(dtype or self.compute_dtype).itemsize
-    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+    """Bytes of K and V cache one token occupies across all layers (an 8-bit
+    dtype, "int8" or "fp8", includes its scales: model/kv_quant.py)."""
+    from model import kv_quant
+    per_head = kv_quant.bytes_per_head_token(self.head_dim, dtype, self.compute_dtype)
+    return 2 * self.num_layers * self.num_kv_heads * per_head
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

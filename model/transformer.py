@@ -29,7 +29,9 @@ import numpy as np
 from flax import nnx
 
 from model import attention
+from model import kv_quant
 from model import params as params_lib
+from model import quant
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 
@@ -84,6 +86,13 @@ def _init(shape: tuple[int, ...], name: str, dtype, rngs: nnx.Rngs) -> jax.Array
   return (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
 
 
+def _matmul(spec: str, x: jax.Array, w, dtype) -> jax.Array:
+  """Where a projection weight enters the network: a float array, or a qwix
+  QArray of a quantized model (int8/int4 weight-only, fp8 W8A8 on fp8 hardware);
+  see model/quant.py."""
+  return quant.einsum(spec, x, w, dtype)
+
+
 class Block(nnx.Module):
   """One decoder layer. Weights are named as in `params.layer_shapes`."""
 
@@ -99,9 +108,9 @@ class Block(nnx.Module):
     batch, q_len, _ = x.shape
 
     h = rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)  # [B, T, D]
-    q = jnp.einsum("btd,dn->btn", h, self.q[...].astype(dtype))
-    k = jnp.einsum("btd,dn->btn", h, self.k[...].astype(dtype))
-    v = jnp.einsum("btd,dn->btn", h, self.v[...].astype(dtype))
+    q = _matmul("btd,dn->btn", h, self.q[...], dtype)
+    k = _matmul("btd,dn->btn", h, self.k[...], dtype)
+    v = _matmul("btd,dn->btn", h, self.v[...], dtype)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dtype)
       k = k + self.k_bias[...].astype(dtype)
@@ -121,13 +130,12 @@ class Block(nnx.Module):
     attn = attention.attend(q, k_pages, v_pages, block_tables, positions, kv_lens,
                             impl=attention_impl)  # [B, T, H, Dh]
     attn = attn.reshape(batch, q_len, cfg.num_heads * cfg.head_dim)
-    x = x + jnp.einsum("btn,nd->btd", attn, self.o[...].astype(dtype))
+    x = x + _matmul("btn,nd->btd", attn, self.o[...], dtype)
 
     h = rms_norm(x, self.mlp_norm[...], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, self.gate[...].astype(dtype))
-    up = jnp.einsum("btd,df->btf", h, self.up[...].astype(dtype))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
-                       self.down[...].astype(dtype))
+    gate = _matmul("btd,df->btf", h, self.gate[...], dtype)
+    up = _matmul("btd,df->btf", h, self.up[...], dtype)
+    x = x + _matmul("btf,fd->btd", jax.nn.silu(gate) * up, self.down[...], dtype)
     return x, (k_pages, v_pages)
 
 
@@ -221,6 +229,9 @@ def _owner(model: Transformer, name: str):
 
 
 def _as_array(value, dtype) -> jax.Array:
+  if isinstance(value, quant.QArray):  # a quantized projection: kept as it is
+    return quant.QArray(_as_array(value.qvalue, value.qvalue.dtype),
+                        _as_array(value.scale, value.scale.dtype), None, value.qtype)
   if isinstance(value, jax.Array):
     return value if value.dtype == dtype else value.astype(dtype)
   return jnp.asarray(np.asarray(value), dtype=dtype)
@@ -228,10 +239,11 @@ def _as_array(value, dtype) -> jax.Array:
 
 def init_kv_pages(config: ModelConfig, num_pages: int, page_size: int,
                   dtype=None, sharding=None) -> KVPages:
-  """Zeroed page pools: one (K, V) pair of [P, S, K, Dh] arrays per layer."""
+  """Zeroed page pools: one (K, V) pair of [P, S, K, Dh] arrays per layer (each a
+  qwix QArray of values and [P, S, K, 1] scales for an 8-bit `dtype`)."""
   shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-  dtype = jnp.dtype(dtype or config.compute_dtype)
-  make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+  dtype = dtype or config.compute_dtype  # "int8" / "fp8": 8-bit pools (model/kv_quant.py)
+  make = lambda: kv_quant.init_pool(shape, dtype, sharding)
   return tuple((make(), make()) for _ in range(config.num_layers))
 
 
