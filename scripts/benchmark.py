@@ -163,7 +163,8 @@ def build(needs: dict, attention_impl: str | None = None) -> Bench:
   if FLAGS.compilation_cache_dir:
     enable_compilation_cache(FLAGS.compilation_cache_dir)
   t0 = time.perf_counter()
-  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype)
+  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
+                                quantize=FLAGS.quantize)
   if attention_impl or FLAGS.attention:
     model.attention_impl = attention_impl or FLAGS.attention
   load_s = time.perf_counter() - t0
