@@ -60,6 +60,10 @@ class ModelConfig:
   # None, or a model/quant.py mode ("int8", "int4", "fp8"): the per-layer
   # projections are qwix QArrays of that kind (param_dtype covers the rest).
   quantization: str | None = None
+  # Sub-channel block (input rows per scale) of the quantized projections; None:
+  # the mode's default (per output channel for int8/fp8; 128, 64 or 32 for int4).
+  # Pre-quantized files set it (GGUF Q8_0/Q4_0: 32).
+  quantization_block: int | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -77,6 +81,9 @@ class ModelConfig:
         jnp.dtype(getattr(self, field))
       except TypeError as e:
         raise ValueError(f"ModelConfig.{field}: unknown dtype {getattr(self, field)!r}") from e
+    if self.quantization_block is not None and self.quantization_block < 1:
+      raise ValueError(f"ModelConfig.quantization_block must be >= 1, got "
+                       f"{self.quantization_block}")
     if self.quantization not in (None, "int8", "int4", "fp8"):
       raise ValueError(f"ModelConfig.quantization must be None, 'int8', 'int4' or 'fp8', "
                        f"got {self.quantization!r}")

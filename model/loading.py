@@ -39,7 +39,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "
 
   `quantize`: store the projections quantized (model/quant.py), so a later load
   reads the small weights straight into their shardings."""
-  config, params = load_foreign(source, dtype)
+  config, params = load_foreign(source, dtype, quantize=quantize)
   config, params = _quantized(config, params, quantize)
   tokenizer = load_tokenizer(source)
   checkpoint.save(output, params, config, force=force)
@@ -86,7 +86,8 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
   if checkpoint_path and preset:
     raise ValueError("give a checkpoint or a preset, not both")
   quantize = quant.check_mode(quantize)
-  if quantize:
+  foreign = checkpoint_path is not None and not checkpoint.is_checkpoint(checkpoint_path)
+  if quantize and not foreign:
     model, tokenizer = load_model(checkpoint_path, preset, cache_dir, dtype, seed,
                                   shardings, mesh)
     config, params = _quantized(model.config, transformer_lib.to_params(model), quantize)
@@ -113,7 +114,8 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
     tok_dir = path / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
   else:
-    config, params = load_foreign(path, dtype or "float32")
+    config, params = load_foreign(path, dtype or "float32", quantize=quantize)
+    config, params = _quantized(config, params, quantize)
     if mesh is not None:
       params = sharding_lib.place(params, quant.tree_shardings(
           params, sharding_lib.param_shardings(config, mesh)))
