@@ -162,10 +162,25 @@ def _layer_matmul_params(c: ModelConfig) -> int:
 
 def weight_bytes(c: ModelConfig) -> float:
   """Bytes of weights one step reads: every layer, the norms and the LM head
-  (the embedding table itself is only gathered from, a few rows per token)."""
-  itemsize = jnp.dtype(c.param_dtype).itemsize
-  per_layer = _layer_matmul_params(c) + 2 * c.hidden_size
-  return itemsize * (c.num_layers * per_layer + c.hidden_size + c.vocab_size * c.hidden_size)
+  (the embedding table itself is only gathered from, a few rows per token).
+
+  From the stored dtypes: a quantized model's projections count their int8 /
+  int4 (half a byte) / fp8 values plus their float32 scales (model/quant.py)."""
+  from model import quant
+  layout = quant.stored_layout(c)
+  head = "embed" if c.tie_word_embeddings else "lm_head"
+  return float(sum(quant.nbytes(shape, dtype) for name, (shape, dtype) in layout.items()
+                   if name.startswith("layers.") or name in ("final_norm", head)))
+
+
+def matmul_dtype(c: ModelConfig, peaks: "DevicePeaks") -> str:
+  """The dtype the projections multiply in, whose peak sets the ridge point: fp8
+  for an fp8-quantized model on a device with fp8 matrix units (W8A8, see
+  model/quant.py), else the compute dtype (weight-only int8/int4 upcast into a
+  compute-dtype matmul: fewer bytes, the same FLOP/s)."""
+  if c.quantization == "fp8" and "float8" in peaks.flops:
+    return "float8_e4m3fn"
+  return c.compute_dtype
 
 
 def step_cost(c: ModelConfig, *, new_tokens: int, logit_rows: int,

@@ -219,10 +219,10 @@ def save(path: str | os.PathLike, params: Params, config: ModelConfig, *,
   params = quant.to_storage(params)
   flat = params_lib.flatten(params)
   layout = quant.stored_layout(config)
-  if set(flat) != set(layout):
-    raise ValueError(f"saving to {path}: stored tensors do not match config.quantization="
-                     f"{config.quantization}: missing {sorted(set(layout) - set(flat))[:4]}, "
-                     f"unexpected {sorted(set(flat) - set(layout))[:4]}")
+  unknown = sorted(set(flat) - set(layout))
+  if unknown:
+    raise ValueError(f"saving to {path}: tensors {unknown[:4]} do not fit config.quantization="
+                     f"{config.quantization}")
   wrong = sorted(n for n, v in flat.items() if jnp.dtype(v.dtype) != layout[n][1]
                  or tuple(np.shape(v)) != tuple(layout[n][0]))
   if wrong:
@@ -317,9 +317,11 @@ def _check_layout(path: str, config: ModelConfig, stored: Mapping[str, Any],
     if shape != tuple(expected[name]):
       problems.append(f"tensor {name}: stored shape {shape}, config expects {expected[name]}")
     if jnp.dtype(stored[name].dtype) != layout[name][1]:
-      problems.append(f"tensor {name}: stored dtype {jnp.dtype(stored[name].dtype).name}, "
-                      f"config (param_dtype {config.param_dtype}, quantization "
+      implied = (f"config.param_dtype is {config.param_dtype}" if not config.quantization
+                 else f"config (param_dtype {config.param_dtype}, quantization "
                       f"{config.quantization}) implies {layout[name][1].name}")
+      problems.append(f"tensor {name}: stored dtype {jnp.dtype(stored[name].dtype).name}, "
+                      + implied)
   if manifest is not None:
     listed = manifest.get("tensors") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(

@@ -323,3 +323,29 @@ def test_kv_quantized_attention_xla_and_pallas_interpret(kv):
   pallas = attention.attend(q, kq, vq, tables, positions, lens, impl="pallas_gpu_interpret")
   assert _rel(np.asarray(xla), np.asarray(ref)) < (0.1 if kv == "fp8" else 0.03)
   np.testing.assert_allclose(np.asarray(pallas), np.asarray(xla), atol=2e-3)
+
+
+def test_roofline_and_planner_know_the_bytes():
+  from engine import roofline
+  from engine.planner import Planner
+  bf16 = models.get("llama-3.1-8b").replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+  base = roofline.weight_bytes(bf16)
+  ratios = {m: base / roofline.weight_bytes(bf16.replace(quantization=m)) for m in quant.MODES}
+  # The projections are ~6.5 of the 7.5 GB read per step (the LM head stays bf16).
+  assert 1.6 < ratios["fp8"] < 2.0 and 1.6 < ratios["int8"] < 2.0, ratios
+  assert 2.5 < ratios["int4"] < 4.0, ratios
+  h100 = roofline.PEAKS["H100"]
+  fp8 = bf16.replace(quantization="fp8")
+  cfg = EngineConfig(max_batch=256, max_model_len=2048)
+  assert Planner(fp8, cfg, h100).ridge == pytest.approx(2 * Planner(bf16, cfg, h100).ridge, rel=1e-3)
+  assert Planner(bf16.replace(quantization="int8"), cfg, h100).ridge == Planner(
+      bf16, cfg, h100).ridge  # weight-only: bf16 math
+  a100 = roofline.PEAKS["A100"]  # no fp8 units: fp8 weights upcast, bf16 ridge
+  assert Planner(fp8, cfg, a100).ridge == Planner(bf16, cfg, a100).ridge
+  float_kv = roofline.decode_cost(bf16, [1000] * 8)
+  int8_kv = roofline.decode_cost(bf16, [1000] * 8, "int8")
+  assert float_kv.kv_read_bytes / int8_kv.kv_read_bytes >= 1.9
+  # MBU counts the bytes actually moved: the same step time is a lower MBU with
+  # fewer bytes.
+  q = roofline.decode_cost(fp8, [1000] * 8, "fp8")
+  assert roofline.mbu(q, 0.01, h100) < roofline.mbu(float_kv, 0.01, h100)
