@@ -21,8 +21,8 @@ channel and block of `in` (int4):
 Why int8 is sub-channel and not per output channel: on the default model
 (SmolLM2-135M, weights from its Q4_1 GGUF) per-channel int8 lost 0.0093 nats
 per token against float32 on benchmarks/data/alice.txt (512 tokens) and kept
-only 4 of 10 greedy 16-token continuations; blocks of 64 lost 0.0007 (13x less)
-for 6% more bytes (one float32 scale per 64 int8 values). fp8 keeps one scale
+4 of 10 greedy 16-token continuations; blocks of 64 lost 0.0007 (13x less) and
+kept 8 of 10, for 6% more bytes (one float32 scale per 64 int8 values). fp8 keeps one scale
 per channel (its exponent handles the spread within a row: blocks of 32 only
 went from 0.0163 to 0.0141), as W8A8 wants.
 
