@@ -404,7 +404,7 @@ def restore(path: str | os.PathLike, shardings: Shardings = None, dtype: Any = N
 
   layout = quant.stored_layout(config)
   names = list(layout)  # canonical order (quantized weights: .qvalue, .scale)
-  castable = [n for n in names if n in layout and not n.endswith((".qvalue", ".scale"))]
+  castable = [n for n in names if n in layout and not n.endswith((".qvalue", ".scale", ".zero_point"))]
   target_dtype = None if dtype is None else jnp.dtype(dtype)
   read_dtype = {n: jnp.dtype(stored[n].dtype) for n in names}
   if target_dtype is not None and not verify:

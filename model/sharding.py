@@ -295,7 +295,7 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
     name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
                     if getattr(k, "name", None) != "value")
     base, _, field = name.rpartition(".")
-    if name not in flat and field in ("qvalue", "scale") and base in flat:
+    if name not in flat and field in ("qvalue", "scale", "zero_point") and base in flat:
       # A field of a quantized weight (a qwix QArray, model/quant.py): sharded
       # like the weight where its shape divides.
       from model import quant

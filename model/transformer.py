@@ -230,8 +230,10 @@ def _owner(model: Transformer, name: str):
 
 def _as_array(value, dtype) -> jax.Array:
   if isinstance(value, quant.QArray):  # a quantized projection: kept as it is
+    zp = value.zero_point
     return quant.QArray(_as_array(value.qvalue, value.qvalue.dtype),
-                        _as_array(value.scale, value.scale.dtype), None, value.qtype)
+                        _as_array(value.scale, value.scale.dtype),
+                        None if zp is None else _as_array(zp, zp.dtype), value.qtype)
   if isinstance(value, jax.Array):
     return value if value.dtype == dtype else value.astype(dtype)
   return jnp.asarray(np.asarray(value), dtype=dtype)

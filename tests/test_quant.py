@@ -130,7 +130,8 @@ def test_preset_quantized_at_load_on_a_mesh():
   mesh = sharding.make_mesh("data=1,model=2")
   model, _ = loading.load_model(preset="tiny", quantize="int4", mesh=mesh)
   up = model.layers[0].up[...]
-  assert up.qvalue.dtype == jnp.int4 and up.scale.shape == (1, 128)  # 64 inputs: one block
+  assert up.qvalue.dtype == jnp.int4 and up.scale.shape == (2, 128)  # blocks of 32 inputs
+  assert up.zero_point.shape == (2, 128) and up.zero_point.dtype == jnp.int4
   assert up.qvalue.sharding.spec == jax.sharding.PartitionSpec(None, "model")
   report = sharding.memory_report(model.config, "model=2")
   float_report = sharding.memory_report(TINY, "model=2")

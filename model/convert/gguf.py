@@ -434,8 +434,11 @@ def _blocks_as_qarray(tensor: Any, qtype, arch: str, config: ModelConfig, name: 
   if arch in _PERMUTED_QK_ARCHITECTURES and leaf in ("q", "k"):
     heads = config.num_heads if leaf == "q" else config.num_kv_heads
     q, d = _unpermute_rope_rows(q, heads), _unpermute_rope_rows(d, heads)
+  # Q4_0 is symmetric: a zero zero-point keeps one int4 layout (asymmetric) for
+  # every int4 model.
+  zero = None if dtype == np.int8 else np.zeros(d.T.shape, jnp.int4)
   return quant.from_prequantized(np.ascontiguousarray(q.T).astype(dtype),
-                                 np.ascontiguousarray(d.T))
+                                 np.ascontiguousarray(d.T), zero)
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
