@@ -37,9 +37,11 @@ flags.DEFINE_integer("speed_tokens", 64, "Decode tokens timed at batch 1.")
 flags.DEFINE_bool("transformers", True, "Also time transformers (torch CPU) on the same GGUF.")
 flags.DEFINE_bool("hlo", True, "Report the compiled HLO of one int8 weight-only matmul.")
 flags.DEFINE_string("out", None, "Write the results here as JSON.")
+flags.DEFINE_list("modes", ["int8", "int4", "fp8"], "Weight modes to measure.")
+flags.DEFINE_list("kv_dtypes", ["int8", "fp8"], "KV cache dtypes to measure (empty: none).")
+flags.DEFINE_bool("speed", True, "Measure batch-1 decode speed.")
 FLAGS = flags.FLAGS
 
-MODES = ("int8", "int4", "fp8")
 
 
 def _decode_tok_s(model, tokenizer, n: int) -> float:
@@ -144,7 +146,7 @@ def main(argv):
            "perplexity": quant_eval.perplexity(model, text_ids, FLAGS.ppl_window),
            "weight_bytes": sharding.memory_report(model.config, "model=1").weight_bytes}]
   print(rows[-1], flush=True)
-  for mode in MODES:
+  for mode in FLAGS.modes:
     config = model.config.replace(quantization=mode)
     qmodel = transformer_lib.from_params(config, quant.quantize_params(float_params, mode))
     out = quant_eval.greedy(qmodel, tokenizer, prompts, FLAGS.max_tokens)
@@ -159,7 +161,7 @@ def main(argv):
   results["weights"] = rows
 
   kv_rows = []
-  for kv in ("int8", "fp8"):
+  for kv in FLAGS.kv_dtypes:
     cfg = dataclasses.replace(quant_eval.engine_config(), kv_dtype=kv)
     out = quant_eval.greedy(model, tokenizer, prompts, FLAGS.max_tokens, cfg)
     same = dict(device_bytes=2**30, page_size=16)
@@ -173,10 +175,14 @@ def main(argv):
     print(kv_rows[-1], flush=True)
   results["kv_cache"] = kv_rows
 
-  speed = {"float32": _decode_tok_s(model, tokenizer, FLAGS.speed_tokens)}
+  if not FLAGS.speed:
+    FLAGS.transformers = FLAGS.hlo = False
+  speed = ({"float32": _decode_tok_s(model, tokenizer, FLAGS.speed_tokens)}
+           if FLAGS.speed else {})
   int8 = transformer_lib.from_params(model.config.replace(quantization="int8"),
                                      quant.quantize_params(float_params, "int8"))
-  speed["int8"] = _decode_tok_s(int8, tokenizer, FLAGS.speed_tokens)
+  if FLAGS.speed:
+    speed["int8"] = _decode_tok_s(int8, tokenizer, FLAGS.speed_tokens)
   print(speed, flush=True)
   if FLAGS.transformers:
     speed["transformers_float32"] = _transformers_tok_s(FLAGS.speed_tokens)
