@@ -21,7 +21,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
@@ -79,28 +78,13 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], page_size: int = 1
   """log p(token t | tokens < t) for t >= 1 of each sequence: one forward over the
   batch (whole sequences, contiguous pages), float32."""
   lengths = [len(s) for s in sequences]
-  inputs = transformer_lib.contiguous_inputs(lengths, page_size)
   tokens = np.zeros((len(sequences), max(lengths)), np.int32)
   for i, s in enumerate(sequences):
     tokens[i, :len(s)] = s
-  kv = transformer_lib.init_kv_pages(model.config, int(inputs["num_pages"]), page_size)
-  logits = _score(model, jnp.asarray(tokens), kv,
-                  *(jnp.asarray(inputs[k]) for k in ("positions", "slots", "block_tables",
-                                                     "kv_lens")))
-  logp = np.asarray(logits)  # [B, T-1]
+  logits = transformer_lib.score(model, tokens, page_size, lengths)  # [B, T, V]
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  logp = np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0])
   return [logp[i, :n - 1] for i, n in enumerate(lengths)]
-
-
-@nnx.jit
-def _score(model, tokens, kv, positions, slots, block_tables, kv_lens):
-  logits, _ = model(tokens, positions, kv, slots, block_tables, kv_lens)  # [B, T, V]
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
-@nnx.jit
-def _logits(model, tokens, kv, positions, slots, block_tables, kv_lens):
-  return model(tokens, positions, kv, slots, block_tables, kv_lens)[0]
 
 
 def logprob_gap(reference_model, model, prompts_ids: Sequence[Sequence[int]],
@@ -138,17 +122,11 @@ class Accuracy:
 def max_logit_error(reference_model, model, prompts_ids: Sequence[Sequence[int]]) -> float:
   """Relative max logit error over whole prompts (one forward, all positions)."""
   lengths = [len(p) for p in prompts_ids]
-  inputs = transformer_lib.contiguous_inputs(lengths, 16)
   tokens = np.zeros((len(prompts_ids), max(lengths)), np.int32)
   for i, p in enumerate(prompts_ids):
     tokens[i, :len(p)] = p
-  outs = []
-  for m in (reference_model, model):
-    kv = transformer_lib.init_kv_pages(m.config, int(inputs["num_pages"]), 16)
-    logits = _logits(m, jnp.asarray(tokens), kv,
-                     *(jnp.asarray(inputs[k]) for k in ("positions", "slots", "block_tables",
-                                                        "kv_lens")))
-    outs.append(np.asarray(logits))
+  outs = [np.asarray(transformer_lib.score(m, tokens, 16, lengths))
+          for m in (reference_model, model)]
   mask = np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]
   ref, got = outs[0][mask], outs[1][mask]
   return float(np.abs(got - ref).max() / np.abs(ref).max())

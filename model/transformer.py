@@ -299,13 +299,23 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict:
               num_pages=scratch + 1)
 
 
-def score(model: Transformer, tokens, page_size: int = 8) -> jax.Array:
-  """Logits at every position of equal-length prompts `tokens` [B, T] in one
-  forward pass over fresh pages (tests and single-shot scoring): [B, T, V]."""
+def score(model: Transformer, tokens, page_size: int = 8,
+          lengths: Sequence[int] | None = None) -> jax.Array:
+  """Logits at every position of prompts `tokens` [B, T] (row b's first lengths[b]
+  tokens are real, the rest padding; default: all T) in one jitted forward pass
+  over fresh pages (tests, evaluation, single-shot scoring): [B, T, V]."""
   tokens = np.asarray(tokens, np.int32)
   batch, length = tokens.shape
-  inputs = contiguous_inputs([length] * batch, page_size)
+  lengths = [length] * batch if lengths is None else list(lengths)
+  inputs = contiguous_inputs(lengths, page_size)
+  if max(lengths) < length:
+    tokens = tokens[:, :max(lengths)]
   kv = init_kv_pages(model.config, int(inputs["num_pages"]), page_size)
-  logits, _ = model(jnp.asarray(tokens.reshape(-1)), jnp.asarray(inputs["positions"]), kv,
-                    jnp.asarray(inputs["slots"]), inputs["layout"])
-  return logits.reshape(batch, length, -1)
+  logits = _forward_all(model, jnp.asarray(tokens.reshape(-1)), jnp.asarray(inputs["positions"]),
+                        kv, jnp.asarray(inputs["slots"]), inputs["layout"])
+  return logits.reshape(batch, tokens.shape[1], -1)
+
+
+@nnx.jit
+def _forward_all(model, tokens, positions, kv, slots, layout):
+  return model(tokens, positions, kv, slots, layout)[0]

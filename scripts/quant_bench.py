@@ -25,8 +25,9 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(__file__))
-import flags_common  # noqa: E402
+# The source tree first, so this checkout's packages are the ones imported.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ridgeline_cli import flags_common  # noqa: E402,F401 (the shared model/engine flags)
 
 flags.DEFINE_integer("num_prompts", 20, "Prompts for the greedy agreement.")
 flags.DEFINE_integer("max_tokens", 32, "Tokens per continuation.")

@@ -34,12 +34,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 def _logits(model, tokens, page_size=8):
-  inputs = transformer_lib.contiguous_inputs([tokens.shape[1]] * tokens.shape[0], page_size)
-  kv = transformer_lib.init_kv_pages(model.config, int(inputs["num_pages"]), page_size)
-  logits, _ = model(jnp.asarray(tokens), jnp.asarray(inputs["positions"]), kv,
-                    jnp.asarray(inputs["slots"]), jnp.asarray(inputs["block_tables"]),
-                    jnp.asarray(inputs["kv_lens"]))
-  return np.asarray(logits)
+  return np.asarray(transformer_lib.score(model, tokens, page_size))
 
 
 def _rel(a, b):
