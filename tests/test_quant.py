@@ -305,18 +305,20 @@ def test_kv_quantized_attention_xla_and_pallas_interpret(kv):
   v = jnp.asarray(rng.standard_normal((pages, page_size, kv_heads, head_dim)), jnp.float32)
   shape = k.shape
   kq, vq = kv_quant.init_pool(shape, kv), kv_quant.init_pool(shape, kv)
-  slots = jnp.arange(pages * page_size, dtype=jnp.int32).reshape(1, -1)
-  kq, vq = attention.write_kv(kq, vq, k.reshape(1, -1, kv_heads, head_dim),
-                              v.reshape(1, -1, kv_heads, head_dim), slots)
+  slots = jnp.arange(pages * page_size, dtype=jnp.int32)
+  kq, vq = attention.write_kv(kq, vq, k.reshape(-1, kv_heads, head_dim),
+                              v.reshape(-1, kv_heads, head_dim), slots)
   np.testing.assert_allclose(np.asarray(kv_quant.load(kq, jnp.arange(pages), jnp.float32)),
                              np.asarray(k), atol=0.2 if kv == "fp8" else 0.03)
-  q = jnp.asarray(rng.standard_normal((batch, 1, heads, head_dim)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.float32)  # decode rows
   tables = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
   lens = jnp.asarray([29, 17], jnp.int32)
-  positions = (lens - 1)[:, None]
-  ref = attention.attend(q, k, v, tables, positions, lens, impl="xla")
-  xla = attention.attend(q, kq, vq, tables, positions, lens, impl="xla")
-  pallas = attention.attend(q, kq, vq, tables, positions, lens, impl="pallas_gpu_interpret")
+  positions = lens - 1
+  layout = attention.StepLayout(tables, lens, jnp.zeros((0, 4), jnp.int32),
+                                jnp.zeros((0,), jnp.int32))
+  ref = attention.attend(q, k, v, positions, layout, impl="xla")
+  xla = attention.attend(q, kq, vq, positions, layout, impl="xla")
+  pallas = attention.attend(q, kq, vq, positions, layout, impl="pallas_gpu_interpret")
   assert _rel(np.asarray(xla), np.asarray(ref)) < (0.1 if kv == "fp8" else 0.03)
   np.testing.assert_allclose(np.asarray(pallas), np.asarray(xla), atol=2e-3)
 
