@@ -24,7 +24,8 @@ class EngineConfig:
   prefill_chunk: most prompt tokens one step computes (all sequences together);
     longer prompts are prefilled in several chunks.
   max_prefill_batch: most sequences prefilled together in one step.
-  kv_dtype: KV cache dtype (default: the model's compute dtype).
+  kv_dtype: KV cache dtype (default: the model's compute dtype); "int8" or "fp8"
+    for an 8-bit cache with per (token, head) scales (model/kv_quant.py).
   seed: seeds the engine's choice of seeds for requests that give none.
   max_waiting: bound of the waiting queue; submissions past it raise CapacityError.
   max_step_ms: latency bound the planner keeps each step under (by the roofline
@@ -54,6 +55,13 @@ class EngineConfig:
       raise ValueError(f"EngineConfig.num_pages must be >= 1, got {self.num_pages}")
     if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
       raise ValueError(f"EngineConfig.kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+    if self.kv_dtype is not None:
+      from model import kv_quant
+      try:
+        kv_quant.qtype(self.kv_dtype)
+      except TypeError:
+        raise ValueError(f"EngineConfig.kv_dtype: unknown dtype {self.kv_dtype!r}; allowed: "
+                         "a float dtype (float32, bfloat16, ...), int8 or fp8") from None
     if not 0 < self.memory_fraction <= 1:
       raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got "
                        f"{self.memory_fraction}")

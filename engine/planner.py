@@ -49,7 +49,7 @@ class Planner:
     self.model_config = model_config
     self.config = config
     self.peaks = peaks
-    self.dtype = model_config.compute_dtype
+    self.dtype = roofline.matmul_dtype(model_config, peaks)  # fp8 peaks for W8A8
     self.ridge = peaks.ridge_point(self.dtype)
 
   @functools.cached_property

@@ -182,7 +182,15 @@ def weight_bytes(c: ModelConfig, tokens: float | None = None) -> float:
   """Bytes of weights one step reads: every layer, the norms and the LM head
   (the embedding table itself is only gathered from, a few rows per token).
   An MoE layer reads only the experts its `tokens` tokens are routed to (None:
-  all of them, the worst case)."""
+  all of them, the worst case). A quantized model counts its stored dtypes: the
+  projections' int8 / int4 (half a byte) / fp8 values plus their float32 scales
+  (model/quant.py)."""
+  if c.quantization:
+    from model import quant
+    layout = quant.stored_layout(c)
+    head = "embed" if c.tie_word_embeddings else "lm_head"
+    return float(sum(quant.nbytes(shape, dtype) for name, (shape, dtype) in layout.items()
+                     if name.startswith("layers.") or name in ("final_norm", head)))
   itemsize = jnp.dtype(c.param_dtype).itemsize
   d = c.hidden_size
   per_layer = _layer_matmul_params(c) + (4 if c.sandwich_norms else 2) * d
@@ -190,6 +198,16 @@ def weight_bytes(c: ModelConfig, tokens: float | None = None) -> float:
     read = c.num_experts if tokens is None else experts_read(c, tokens)
     per_layer += (read - c.num_experts_per_tok) * 3 * d * c.expert_size
   return itemsize * (c.num_layers * per_layer + d + c.vocab_size * d)
+
+
+def matmul_dtype(c: ModelConfig, peaks: "DevicePeaks") -> str:
+  """The dtype the projections multiply in, whose peak sets the ridge point: fp8
+  for an fp8-quantized model on a device with fp8 matrix units (W8A8, see
+  model/quant.py), else the compute dtype (weight-only int8/int4 upcast into a
+  compute-dtype matmul: fewer bytes, the same FLOP/s)."""
+  if c.quantization == "fp8" and "float8" in peaks.flops:
+    return "float8_e4m3fn"
+  return c.compute_dtype
 
 
 def step_cost(c: ModelConfig, *, new_tokens: int, logit_rows: int,

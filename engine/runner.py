@@ -159,6 +159,8 @@ class Runner:
     self._compiled: dict[tuple, jax.stages.Compiled] = {}
     self._compile_lock = threading.Lock()
     self.compilations = 0
+    self._sub_byte = any(jnp.dtype(x.dtype).itemsize < 1 or jnp.dtype(x.dtype).name in
+                         ("int4", "uint4") for x in jax.tree.leaves(self.state))
     self.compile_seconds = 0.0
     self.warm = False
 
@@ -280,7 +282,17 @@ class Runner:
     spec = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), inputs)
     prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=self._replicated)
-    compiled = self._jitted.lower(self.state, self.kv, prev, spec).compile()
+    # Weights and pools by their formats (layout + sharding), not just their shapes:
+    # sub-byte arrays (int4 weights) can be laid out packed or not, and the compiled
+    # step must take them as they lie.
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.format)  # noqa: E731
+    compiled = self._jitted.lower(jax.tree.map(like, self.state), jax.tree.map(like, self.kv),
+                                  prev, spec).compile()
+    if self._sub_byte:
+      # An ahead-of-time executable insists on the packed layout of int4 weights,
+      # which arrays placed from the host do not have; jit's own dispatch adapts.
+      # The compile above still fills the persistent cache that jit then reads.
+      compiled = self._jitted
     with self._compile_lock:
       self._compiled.setdefault(key, compiled)
       self.compilations += 1

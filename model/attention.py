@@ -39,6 +39,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from model import kv_quant
+
 # Masked logits use a large finite value, not -inf, so a fully masked row (a
 # padding query) yields a harmless uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
@@ -86,18 +88,20 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
       also writes into it.
 
   Returns the updated pools. Under a jit that donates the pools the scatter is
-  done in place.
+  done in place. An 8-bit pool (a QArray, model/kv_quant.py) gets the new
+  tokens quantized, and its values and scales are scattered alike.
   """
   num_pages, page_size, kv_heads, head_dim = k_pages.shape
   flat = slots.reshape(-1)  # [N]
 
   def scatter(pages, new):
-    pages = pages.reshape(num_pages * page_size, kv_heads, head_dim)
+    tail = pages.shape[2:]  # [KVH, D] (or [KVH, 1]: the scales of an 8-bit pool)
+    pages = pages.reshape(num_pages * page_size, *tail)
     # Computed first, not fused into the scatter: on a GPU, XLA fused a batch-1
     # step's K/V projection (a matrix-vector product) into the scatter, one
     # thread per element looping over the hidden size: 80 us a layer on an H200,
     # a quarter of the step.
-    new = jax.lax.optimization_barrier(new.reshape(-1, kv_heads, head_dim).astype(pages.dtype))
+    new = jax.lax.optimization_barrier(new.reshape(-1, *tail).astype(pages.dtype))
     idx = flat
     if idx.shape[0] == 1:
       # XLA turns a one-index scatter into a dynamic-update-slice, and a pool
@@ -109,7 +113,14 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
       idx = jnp.concatenate([idx, jnp.full((1,), num_pages * page_size - 1, idx.dtype)])
       new = jnp.concatenate([new, new])
     pages = pages.at[idx].set(new, mode="promise_in_bounds")
-    return pages.reshape(num_pages, page_size, kv_heads, head_dim)
+    return pages.reshape(num_pages, page_size, *tail)
+
+  if kv_quant.is_quantized(k_pages):
+    def scatter_quantized(pool, new):
+      q = kv_quant.store(new.reshape(-1, kv_heads, head_dim), pool)  # [B*T, KVH, D]
+      return kv_quant.QArray(scatter(pool.qvalue, q.qvalue), scatter(pool.scale, q.scale),
+                             None, pool.qtype)
+    return scatter_quantized(k_pages, k), scatter_quantized(v_pages, v)
 
   return scatter(k_pages, k), scatter(v_pages, v)
 
@@ -207,8 +218,10 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, wind
   _, page_size, kv_heads, _ = k_pages.shape
   groups = num_heads // kv_heads
   ctx = block_tables.shape[1] * page_size
-  k = k_pages[block_tables].reshape(batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
-  v = v_pages[block_tables].reshape(batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
+  k = kv_quant.load(k_pages, block_tables, q.dtype).reshape(
+      batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
+  v = kv_quant.load(v_pages, block_tables, q.dtype).reshape(
+      batch, ctx, kv_heads, head_dim)  # [B, C, KVH, D]
   qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, KVH, G, D]
   scale = head_dim ** -0.5 if scale is None else scale
   logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
@@ -256,8 +269,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
 
   def run(j, carry):
     tables = jax.lax.dynamic_slice_in_dim(block_tables, j * block_pages, block_pages, axis=1)
-    k = k_pages[tables].reshape(rows, block, kv_heads, head_dim)  # [R, C, KVH, D]
-    v = v_pages[tables].reshape(rows, block, kv_heads, head_dim)
+    # An 8-bit pool (model/kv_quant.py) is dequantized as it is gathered.
+    k = kv_quant.load(k_pages, tables, q.dtype).reshape(rows, block, kv_heads, head_dim)
+    v = kv_quant.load(v_pages, tables, q.dtype).reshape(rows, block, kv_heads, head_dim)
     kv_pos = j * block + jnp.arange(block, dtype=jnp.int32)  # [C]
     visible = (_visible(kv_pos[None, None, :], q_positions[:, :, None], window)
                & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [R, T, C]
@@ -415,12 +429,20 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
   pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim),
                            lambda h, i, s, b: (0, 0, h, 0))  # one KV head's [P, S, D]
+  # An 8-bit pool (model/kv_quant.py): the kernel takes one scale per (page,
+  # slot) of the head, here the [P, S] view of the [P, S, KVH, 1] scales.
+  k_scales = v_scales = scale_spec = None
+  if kv_quant.is_quantized(k_pages):
+    scale_spec = pl.BlockSpec((num_pages, page_size, None, None),
+                              lambda h, i, s, b: (0, 0, h, 0))
+    k_pages, k_scales = k_pages.qvalue, k_pages.scale
+    v_pages, v_scales = v_pages.qvalue, v_pages.scale
   o, l, m = pl.pallas_call(
       kernel,
       grid=(kv_heads, head_splits, k_splits, batch),  # axis 2 is the kernel's partition
       in_specs=[
           pl.BlockSpec((None, None, block_h, head_dim), lambda h, i, s, b: (b, h, i, 0)),
-          pool_spec, None, pool_spec, None,
+          pool_spec, scale_spec, pool_spec, scale_spec,
           pl.BlockSpec((None, None, pages_per_partition), lambda h, i, s, b: (b, s, 0)),
           pl.BlockSpec((1,), lambda h, i, s, b: (b,)),
       ],
@@ -439,7 +461,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
       interpret=interpret,
       compiler_params=params_cls(num_warps=num_warps, num_stages=num_stages),
       name="ridgeline_paged_attention",
-  )(qg, k_pages, None, v_pages, None, tables, kv_lens.astype(jnp.int32))
+  )(qg, k_pages, k_scales, v_pages, v_scales, tables, kv_lens.astype(jnp.int32))
 
   # Combine the partitions (the kernel leaves each one's unnormalized output,
   # its softmax denominator l and running max m).

@@ -60,6 +60,7 @@ import orbax.checkpoint as ocp
 
 from engine.util import write_json_atomic
 from model import params as params_lib
+from model import quant
 from model.config import ModelConfig
 from model.params import Params
 
@@ -159,7 +160,9 @@ def _digest_terms(x: jax.Array, offsets: jax.Array, strides: jax.Array) -> jax.A
   sharding or the device kind.
   """
   itemsize = x.dtype.itemsize
-  if itemsize == 4:
+  if x.dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):  # itemsize says 1
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint4).astype(jnp.uint32)
+  elif itemsize == 4:
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   elif itemsize in (1, 2):
     narrow = jnp.uint8 if itemsize == 1 else jnp.uint16
@@ -262,14 +265,29 @@ def save(path: str | os.PathLike, params: Params, config: ModelConfig, *,
   """
   path = _abspath(path)
   params_lib.check(params, config, source=f"parameters to save to {path}")
+  # Quantized projections (qwix QArrays, model/quant.py) are stored as two
+  # tensors, "<name>.qvalue" and "<name>.scale".
+  quantized = sorted(n for n, v in params_lib.flatten(params).items()
+                     if isinstance(v, quant.QArray))
+  if quantized and not config.quantization:
+    raise ValueError(f"saving to {path}: tensors {quantized[:3]}... are quantized but "
+                     "config.quantization is None")
+  params = quant.to_storage(params)
   flat = params_lib.flatten(params)
-  want = jnp.dtype(config.param_dtype)
-  wrong = sorted(n for n, v in flat.items() if jnp.dtype(v.dtype) != want)
+  layout = quant.stored_layout(config)
+  unknown = sorted(set(flat) - set(layout))
+  if unknown:
+    raise ValueError(f"saving to {path}: tensors {unknown[:4]} do not fit config.quantization="
+                     f"{config.quantization}")
+  wrong = sorted(n for n, v in flat.items() if jnp.dtype(v.dtype) != layout[n][1]
+                 or tuple(np.shape(v)) != tuple(layout[n][0]))
   if wrong:
+    n = wrong[0]
     raise ValueError(
-        f"saving to {path}: config.param_dtype is {config.param_dtype} but tensors "
-        f"{wrong} have dtype {jnp.dtype(flat[wrong[0]].dtype)}; cast the params or use "
-        "config.replace(param_dtype=...)")
+        f"saving to {path}: tensors {wrong} do not have the dtype/shape the config implies "
+        f"({n}: {jnp.dtype(flat[n].dtype)}{list(np.shape(flat[n]))}, expected "
+        f"{layout[n][1]}{list(layout[n][0])}; config.param_dtype is {config.param_dtype}, "
+        f"quantization {config.quantization}); cast the params or use config.replace(...)")
 
   ours = [os.path.join(path, n) for n in (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR)]
   existing = [p for p in ours if os.path.lexists(p)]
@@ -341,7 +359,8 @@ def _stored_arrays(path: str, params_dir: str) -> dict[str, Any]:
 def _check_layout(path: str, config: ModelConfig, stored: Mapping[str, Any],
                   manifest: Mapping[str, Any] | None) -> None:
   """Compare stored tensors with `config` (and the manifest) before reading any bytes."""
-  expected = params_lib.flatten(params_lib.param_shapes(config))
+  layout = quant.stored_layout(config)
+  expected = {n: shape for n, (shape, _) in layout.items()}
   problems = []
   missing = sorted(set(expected) - set(stored))
   extra = sorted(set(stored) - set(expected))
@@ -353,9 +372,12 @@ def _check_layout(path: str, config: ModelConfig, stored: Mapping[str, Any],
     shape = tuple(stored[name].shape)
     if shape != tuple(expected[name]):
       problems.append(f"tensor {name}: stored shape {shape}, config expects {expected[name]}")
-    if jnp.dtype(stored[name].dtype) != jnp.dtype(config.param_dtype):
+    if jnp.dtype(stored[name].dtype) != layout[name][1]:
+      implied = (f"config.param_dtype is {config.param_dtype}" if not config.quantization
+                 else f"config (param_dtype {config.param_dtype}, quantization "
+                      f"{config.quantization}) implies {layout[name][1].name}")
       problems.append(f"tensor {name}: stored dtype {jnp.dtype(stored[name].dtype).name}, "
-                      f"config.param_dtype is {config.param_dtype}")
+                      + implied)
   if manifest is not None:
     listed = manifest.get("tensors") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not all(
@@ -436,12 +458,15 @@ def restore(path: str | os.PathLike, shardings: Shardings = None, dtype: Any = N
   stored = _stored_arrays(path, params_dir)
   _check_layout(path, config, stored, manifest)
 
-  names = list(params_lib.flatten(params_lib.param_shapes(config)))  # canonical order
+  layout = quant.stored_layout(config)
+  names = list(layout)  # canonical order (quantized weights: .qvalue, .scale)
+  castable = [n for n in names if n in layout and not n.endswith((".qvalue", ".scale", ".zero_point"))]
   target_dtype = None if dtype is None else jnp.dtype(dtype)
   read_dtype = {n: jnp.dtype(stored[n].dtype) for n in names}
   if target_dtype is not None and not verify:
-    read_dtype = {n: target_dtype for n in names}  # tensorstore casts while reading
-  shard = _sharding_for_each(shardings, names)
+    read_dtype.update({n: target_dtype for n in castable})  # tensorstore casts while reading
+  canonical = list(params_lib.flatten(params_lib.param_shapes(config)))
+  shard = quant.storage_shardings(_sharding_for_each(shardings, canonical), layout)
   abstract = {}
   for n in names:
     try:
@@ -450,7 +475,7 @@ def restore(path: str | os.PathLike, shardings: Shardings = None, dtype: Any = N
     except ValueError as e:
       raise ValueError(f"restoring {path}: sharding for tensor {n} "
                        f"{tuple(stored[n].shape)} is not usable: {e}") from e
-  target = params_lib.unflatten(abstract, config)
+  target = _unflatten_stored(abstract, config)
 
   try:
     with ocp.StandardCheckpointer() as ckptr:
@@ -472,11 +497,26 @@ def restore(path: str | os.PathLike, shardings: Shardings = None, dtype: Any = N
           f"checkpoint {path}: tensors {bad} are corrupted (content digest differs "
           f"from {MANIFEST_FILE}); re-create the checkpoint")
   if target_dtype is not None:
-    for n in names:  # one tensor at a time, so each original is freed as we go
+    for n in castable:  # one tensor at a time, so each original is freed as we go
       if flat[n].dtype != target_dtype:
         flat[n] = _cast(flat[n], target_dtype)
     config = config.replace(param_dtype=target_dtype.name, compute_dtype=target_dtype.name)
-  return config, params_lib.unflatten({n: flat[n] for n in names}, config)
+  return config, params_lib.unflatten(quant.from_storage({n: flat[n] for n in names}, config),
+                                      config)
+
+
+def _unflatten_stored(flat: Mapping[str, Any], config: ModelConfig) -> Params:
+  """Stored names -> the nested tree orbax reads and writes: a quantized weight
+  is a {"qvalue", "scale"} dict in its tensor's place."""
+  tree: Params = {"layers": [{} for _ in range(config.num_layers)]}
+  for name, value in flat.items():
+    parts = name.split(".")
+    node = tree["layers"][int(parts[1])] if parts[0] == "layers" else tree
+    keys = parts[2:] if parts[0] == "layers" else parts
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = value
+  return tree
 
 
 def _cast(x: jax.Array, dtype: np.dtype) -> jax.Array:

@@ -87,6 +87,13 @@ class ModelConfig:
   num_experts_per_tok: int = 0
   moe_intermediate_size: int | None = None  # each expert's width; None: intermediate_size
   norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+  # None, or a model/quant.py mode ("int8", "int4", "fp8"): the per-layer
+  # projections are qwix QArrays of that kind (param_dtype covers the rest).
+  quantization: str | None = None
+  # Sub-channel block (input rows per scale) of the quantized projections; None:
+  # the mode's default (per output channel for int8/fp8; 128, 64 or 32 for int4).
+  # Pre-quantized files set it (GGUF Q8_0/Q4_0: 32).
+  quantization_block: int | None = None
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -131,6 +138,12 @@ class ModelConfig:
     if self.moe_intermediate_size is not None and self.moe_intermediate_size <= 0:
       raise ValueError("ModelConfig.moe_intermediate_size must be positive, got "
                        f"{self.moe_intermediate_size}")
+    if self.quantization_block is not None and self.quantization_block < 1:
+      raise ValueError(f"ModelConfig.quantization_block must be >= 1, got "
+                       f"{self.quantization_block}")
+    if self.quantization not in (None, "int8", "int4", "fp8"):
+      raise ValueError(f"ModelConfig.quantization must be None, 'int8', 'int4' or 'fp8', "
+                       f"got {self.quantization!r}")
 
   # Derived quantities -------------------------------------------------------
 
@@ -209,9 +222,11 @@ class ModelConfig:
     return v * d + self.num_layers * per_layer + d + head
 
   def kv_bytes_per_token(self, dtype=None) -> int:
-    """Bytes of K and V cache one token occupies across all layers."""
-    itemsize = jnp.dtype(dtype or self.compute_dtype).itemsize
-    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+    """Bytes of K and V cache one token occupies across all layers (an 8-bit
+    dtype, "int8" or "fp8", includes its scales: model/kv_quant.py)."""
+    from model import kv_quant
+    per_head = kv_quant.bytes_per_head_token(self.head_dim, dtype, self.compute_dtype)
+    return 2 * self.num_layers * self.num_kv_heads * per_head
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

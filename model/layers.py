@@ -45,10 +45,11 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
               act: str = "silu") -> jax.Array:
   """SwiGLU / GeGLU: down(act(x @ gate) * (x @ up)). x: [..., D] -> [..., D]."""
+  from model import quant  # the weights may be qwix QArrays (a quantized model)
   dtype = x.dtype
-  g = jnp.einsum("...d,df->...f", x, gate.astype(dtype))  # [..., F]
-  u = jnp.einsum("...d,df->...f", x, up.astype(dtype))  # [..., F]
-  return jnp.einsum("...f,fd->...d", activation(act, g) * u, down.astype(dtype))
+  g = quant.einsum("...d,df->...f", x, gate, dtype)  # [..., F]
+  u = quant.einsum("...d,df->...f", x, up, dtype)  # [..., F]
+  return quant.einsum("...f,fd->...d", activation(act, g) * u, down, dtype)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

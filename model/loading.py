@@ -25,6 +25,7 @@ from flax import nnx
 from configs import models
 from model import checkpoint
 from model import default_model
+from model import quant
 from model import sharding as sharding_lib
 from model import transformer as transformer_lib
 from model.convert import load_foreign
@@ -34,10 +35,13 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | None = None,
-            force: bool = False) -> None:
+            force: bool = False, quantize: str | None = None) -> None:
   """Converts a GGUF file or HF directory into an orbax checkpoint (plus tokenizer).
-  dtype None stores the weights in their own dtype (a bf16 directory stays bf16)."""
-  config, params = load_foreign(source, dtype)
+  dtype None stores the weights in their own dtype (a bf16 directory stays bf16).
+  `quantize`: store the projections quantized (model/quant.py), so a later load
+  reads the small weights straight into their shardings."""
+  config, params = load_foreign(source, dtype, quantize=quantize)
+  config, params = _quantized(config, params, quantize)
   tokenizer = load_tokenizer(source)
   checkpoint.save(output, params, config, force=force)
   tokenizer.save(pathlib.Path(output) / TOKENIZER_DIR)
@@ -65,8 +69,14 @@ def ensure_default_checkpoint(cache_dir: str | os.PathLike) -> pathlib.Path:
 def load_model(checkpoint_path: str | None = None, preset: str | None = None,
                cache_dir: str | os.PathLike | None = None, dtype: str | None = None,
                seed: int = 0, shardings=None, mesh: jax.sharding.Mesh | None = None,
+               quantize: str | None = None,
                ) -> tuple[transformer_lib.Transformer, Tokenizer | None]:
   """Returns (model, tokenizer). At most one of checkpoint_path / preset.
+
+  `quantize`: "int8", "int4" or "fp8" (model/quant.py): the projections are
+  quantized once here, where they lie (each device quantizes its own shards). A
+  checkpoint saved quantized (or a pre-quantized foreign file) loads as it is
+  stored; asking for a different mode than the stored one is an error.
 
   `mesh`: put every weight in its sharding under model/sharding.py's rules as it
   is read (orbax checkpoints) or created (presets), so no device or host ever
@@ -76,6 +86,14 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
   """
   if checkpoint_path and preset:
     raise ValueError("give a checkpoint or a preset, not both")
+  quantize = quant.check_mode(quantize)
+  foreign = checkpoint_path is not None and not checkpoint.is_checkpoint(checkpoint_path)
+  if quantize and not foreign:
+    model, tokenizer = load_model(checkpoint_path, preset, cache_dir, dtype, seed,
+                                  shardings, mesh)
+    config, params = _quantized(model.config, transformer_lib.to_params(model), quantize)
+    del model
+    return transformer_lib.from_params(config, params), tokenizer
   if preset:
     config = models.get(preset)
     if dtype:
@@ -101,13 +119,28 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
           "checkpoint %s has no tokenizer (%s is missing): only token-id prompts will "
           "work; convert it again to restore the tokenizer", path, tok_dir)
   else:
-    config, params = load_foreign(path, dtype)  # None: the weights' own dtype
+    config, params = load_foreign(path, dtype, quantize=quantize)  # None: own dtype
+    config, params = _quantized(config, params, quantize)
     if mesh is not None:
-      params = sharding_lib.place(params, sharding_lib.param_shardings(config, mesh))
+      params = sharding_lib.place(params, quant.tree_shardings(
+          params, sharding_lib.param_shardings(config, mesh)))
     tokenizer = load_tokenizer(path)
   if dtype and config.compute_dtype != dtype:
     config = config.replace(compute_dtype=dtype)
   return transformer_lib.from_params(config, params), tokenizer
+
+
+def _quantized(config, params, quantize: str | None):
+  """(config, params) with the projections quantized as `quantize` asks."""
+  quantize = quant.check_mode(quantize)
+  if config.quantization:
+    if quantize and quantize != config.quantization:
+      raise ValueError(f"the weights are stored quantized as {config.quantization}; "
+                       f"cannot quantize them as {quantize} (load the float weights)")
+    return config, params
+  if not quantize:
+    return config, params
+  return config.replace(quantization=quantize), quant.quantize_params(params, quantize)
 
 
 def _init_sharded(config, seed: int, shardings) -> transformer_lib.Transformer:

@@ -317,9 +317,15 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
   first = next(iter(flat.values()))
   rest = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
 
-  def one(path, _):
+  def one(path, leaf):
     name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
                     if getattr(k, "name", None) != "value")
+    base, _, field = name.rpartition(".")
+    if name not in flat and field in ("qvalue", "scale", "zero_point") and base in flat:
+      # A field of a quantized weight (a qwix QArray, model/quant.py): sharded
+      # like the weight where its shape divides.
+      from model import quant
+      return quant.leaf_sharding(flat[base], leaf.shape)
     return flat.get(name, rest)
 
   return jax.tree_util.tree_map_with_path(one, state)
@@ -466,13 +472,24 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
   p = plan(config, shape, rules)
   specs = params_lib.flatten(p.param_specs(config))
   shapes = params_lib.flatten(params_lib.param_shapes(config))
-  itemsize = config.weight_dtype.itemsize
-  total = sum(math.prod(s) for s in shapes.values()) * itemsize
-  per_device = sum(math.prod(shapes[n]) * itemsize // p.shards(specs[n]) for n in shapes)
+  # Bytes from the stored dtypes: a quantized projection (model/quant.py) is its
+  # int8/int4/fp8 values plus float32 scales (sharded like its output axis).
+  from model import quant
+  layout = quant.stored_layout(config)
+  total = sum(quant.nbytes(s, d) for s, d in layout.values())
+  per_device = 0
+  for n, (s, d) in layout.items():
+    base = n if n in specs else n.rpartition(".")[0]
+    shards = p.shards(specs[base]) if n == base or n.endswith(".qvalue") else 1
+    per_device += quant.nbytes(s, d) // shards
 
-  kv_dtype = jnp.dtype(config.dtype if kv_dtype is None else kv_dtype)
+  from model import kv_quant
+  kv_name = str(kv_dtype) if kv_quant.qtype(kv_dtype) is not None else jnp.dtype(
+      config.dtype if kv_dtype is None else kv_dtype).name
   kv_heads_local = config.num_kv_heads // p.shards(P(p.axes.get("kv_heads")))
-  token_bytes = 2 * config.num_layers * kv_heads_local * config.head_dim * kv_dtype.itemsize
+  # An 8-bit cache stores one bf16 scale per (token, head) beside the values.
+  token_bytes = 2 * config.num_layers * kv_heads_local * kv_quant.bytes_per_head_token(
+      config.head_dim, kv_dtype, config.dtype)
   page_bytes = token_bytes * page_size
 
   pages, fits = num_pages, None
@@ -483,8 +500,10 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
     need = ceil_div(max_model_len, page_size) if max_model_len else 1
     fits = room >= pages * page_bytes and pages >= need and room > 0
   return MemoryReport(
-      model=config.name, mesh=shape, weight_dtype=config.weight_dtype.name,
-      kv_dtype=kv_dtype.name, page_size=page_size, weight_bytes=total,
+      model=config.name, mesh=shape,
+      weight_dtype=config.weight_dtype.name + (f"+{config.quantization}"
+                                               if config.quantization else ""),
+      kv_dtype=kv_name, page_size=page_size, weight_bytes=total,
       weight_bytes_per_device=per_device, kv_page_bytes_per_device=page_bytes,
       kv_token_bytes_per_device=token_bytes, device_bytes=device_bytes,
       memory_fraction=memory_fraction, kv_pages=pages, fits=fits, notes=p.notes)

@@ -37,7 +37,9 @@ from flax import nnx
 
 from model import attention
 from model import layers as layers_lib
+from model import kv_quant
 from model import params as params_lib
+from model import quant
 from model import sharding as sharding_lib
 from model.config import ModelConfig
 
@@ -91,6 +93,13 @@ def _init(shape: tuple[int, ...], name: str, dtype, rngs: nnx.Rngs) -> jax.Array
   return (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
 
 
+def _matmul(spec: str, x: jax.Array, w, dtype) -> jax.Array:
+  """Where a projection weight enters the network: a float array, or a qwix
+  QArray of a quantized model (int8/int4 weight-only, fp8 W8A8 on fp8 hardware);
+  see model/quant.py."""
+  return quant.einsum(spec, x, w, dtype)
+
+
 class Block(nnx.Module):
   """One decoder layer. Weights are named as in `params.layer_shapes`."""
 
@@ -108,9 +117,9 @@ class Block(nnx.Module):
     eps, offset = cfg.rms_norm_eps, cfg.norm_weight_offset
 
     h = rms_norm(x, self.attn_norm[...], eps, offset)  # [N, D]
-    q = jnp.einsum("nd,dh->nh", h, self.q[...].astype(dtype))
-    k = jnp.einsum("nd,dh->nh", h, self.k[...].astype(dtype))
-    v = jnp.einsum("nd,dh->nh", h, self.v[...].astype(dtype))
+    q = _matmul("nd,dh->nh", h, self.q[...], dtype)
+    k = _matmul("nd,dh->nh", h, self.k[...], dtype)
+    v = _matmul("nd,dh->nh", h, self.v[...], dtype)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dtype)
       k = k + self.k_bias[...].astype(dtype)
@@ -135,7 +144,7 @@ class Block(nnx.Module):
                             softcap=cfg.attn_softcap,
                             scale=cfg.attention_scale)  # [N, H, Dh]
     attn = attn.reshape(n, cfg.num_heads * cfg.head_dim)
-    h = jnp.einsum("nh,hd->nd", attn, self.o[...].astype(dtype))
+    h = _matmul("nh,hd->nd", attn, self.o[...], dtype)
     if cfg.sandwich_norms:
       h = rms_norm(h, self.post_attn_norm[...], eps, offset)
     x = x + h
@@ -246,6 +255,11 @@ def _owner(model: Transformer, name: str):
 
 
 def _as_array(value, dtype) -> jax.Array:
+  if isinstance(value, quant.QArray):  # a quantized projection: kept as it is
+    zp = value.zero_point
+    return quant.QArray(_as_array(value.qvalue, value.qvalue.dtype),
+                        _as_array(value.scale, value.scale.dtype),
+                        None if zp is None else _as_array(zp, zp.dtype), value.qtype)
   if isinstance(value, jax.Array):
     return value if value.dtype == dtype else value.astype(dtype)
   return jnp.asarray(np.asarray(value), dtype=dtype)
@@ -253,10 +267,11 @@ def _as_array(value, dtype) -> jax.Array:
 
 def init_kv_pages(config: ModelConfig, num_pages: int, page_size: int,
                   dtype=None, sharding=None) -> KVPages:
-  """Zeroed page pools: one (K, V) pair of [P, S, K, Dh] arrays per layer."""
+  """Zeroed page pools: one (K, V) pair of [P, S, K, Dh] arrays per layer (each a
+  qwix QArray of values and [P, S, K, 1] scales for an 8-bit `dtype`)."""
   shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-  dtype = jnp.dtype(dtype or config.compute_dtype)
-  make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+  dtype = dtype or config.compute_dtype  # "int8" / "fp8": 8-bit pools (model/kv_quant.py)
+  make = lambda: kv_quant.init_pool(shape, dtype, sharding)
   return tuple((make(), make()) for _ in range(config.num_layers))
 
 
@@ -284,13 +299,23 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict:
               num_pages=scratch + 1)
 
 
-def score(model: Transformer, tokens, page_size: int = 8) -> jax.Array:
-  """Logits at every position of equal-length prompts `tokens` [B, T] in one
-  forward pass over fresh pages (tests and single-shot scoring): [B, T, V]."""
+def score(model: Transformer, tokens, page_size: int = 8,
+          lengths: Sequence[int] | None = None) -> jax.Array:
+  """Logits at every position of prompts `tokens` [B, T] (row b's first lengths[b]
+  tokens are real, the rest padding; default: all T) in one jitted forward pass
+  over fresh pages (tests, evaluation, single-shot scoring): [B, T, V]."""
   tokens = np.asarray(tokens, np.int32)
   batch, length = tokens.shape
-  inputs = contiguous_inputs([length] * batch, page_size)
+  lengths = [length] * batch if lengths is None else list(lengths)
+  inputs = contiguous_inputs(lengths, page_size)
+  if max(lengths) < length:
+    tokens = tokens[:, :max(lengths)]
   kv = init_kv_pages(model.config, int(inputs["num_pages"]), page_size)
-  logits, _ = model(jnp.asarray(tokens.reshape(-1)), jnp.asarray(inputs["positions"]), kv,
-                    jnp.asarray(inputs["slots"]), inputs["layout"])
-  return logits.reshape(batch, length, -1)
+  logits = _forward_all(model, jnp.asarray(tokens.reshape(-1)), jnp.asarray(inputs["positions"]),
+                        kv, jnp.asarray(inputs["slots"]), inputs["layout"])
+  return logits.reshape(batch, tokens.shape[1], -1)
+
+
+@nnx.jit
+def _forward_all(model, tokens, positions, kv, slots, layout):
+  return model(tokens, positions, kv, slots, layout)[0]

@@ -178,7 +178,8 @@ def main(argv):
   from model.loading import load_model
   flags_common.enable_compilation_cache()
   t0 = time.perf_counter()
-  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype)
+  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
+                                quantize=FLAGS.quantize)
   load_s = time.perf_counter() - t0
   if FLAGS.compare == "hf":
     peer = peer_lib.HFPeer(path, FLAGS.threads, FLAGS.repeats)

@@ -15,6 +15,9 @@ flags.DEFINE_string("input", None, ".gguf file or Hugging Face directory.", requ
 flags.DEFINE_string("output", None, "Orbax checkpoint directory to write.", required=True)
 flags.DEFINE_string("dtype", None, "Dtype of the stored weights (default: the source's own; "
                     "quantized GGUF tensors dequantize to float32).")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "fp8"],
+                  "Store the projections quantized (model/quant.py), so loads read the small "
+                  "weights straight into their shardings.")
 flags.DEFINE_bool("force", False, "Replace an existing checkpoint at --output.")
 FLAGS = flags.FLAGS
 
@@ -23,7 +26,7 @@ def main(argv):
   del argv
   from model.loading import convert
   try:
-    convert(FLAGS.input, FLAGS.output, FLAGS.dtype, FLAGS.force)
+    convert(FLAGS.input, FLAGS.output, FLAGS.dtype, FLAGS.force, quantize=FLAGS.quantize)
   except FileExistsError as e:  # the library says force=True; here it is a flag
     raise FileExistsError(str(e).replace("pass force=True", "pass --force")) from e
   print(f"wrote {FLAGS.output}")

@@ -21,6 +21,13 @@ flags.DEFINE_string("cache_dir", default_model.DEFAULT_CACHE_DIR,
                     "Where the default model is converted to once, and (in "
                     f"{default_model.COMPILATION_CACHE_SUBDIR}/) compiled steps are kept.")
 flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: the checkpoint's).")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "fp8"],
+                  "Quantize the per-layer projections at load (model/quant.py): int8 or int4 "
+                  "weight-only, fp8 (e4m3; W8A8 on GPUs with fp8 matrix units).")
+flags.DEFINE_string("kv_cache_dtype", None,
+                    "KV cache dtype: a float dtype, or int8 / fp8 for an 8-bit cache with "
+                    "per (token, head) scales (about 2x the tokens of bf16). Default: the "
+                    "compute dtype.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV-cache page.")
 flags.DEFINE_integer("num_pages", None, "KV-cache pages (default: from --kv_cache_mb).")
 flags.DEFINE_integer("kv_cache_mb", 512, "KV-cache budget in MiB on a CPU when --num_pages is "
@@ -72,7 +79,8 @@ def engine_config() -> EngineConfig:
       page_size=FLAGS.page_size, num_pages=FLAGS.num_pages,
       cpu_kv_cache_bytes=FLAGS.kv_cache_mb * 2**20, max_batch=FLAGS.max_batch,
       max_model_len=FLAGS.max_model_len, prefill_chunk=FLAGS.prefill_chunk,
-      max_prefill_batch=FLAGS.max_prefill_batch, memory_fraction=FLAGS.memory_fraction)
+      max_prefill_batch=FLAGS.max_prefill_batch, memory_fraction=FLAGS.memory_fraction,
+      kv_dtype=FLAGS.kv_cache_dtype)
 
 
 def init_distributed() -> None:
@@ -130,7 +138,7 @@ def load_engine(precompile: bool | None = None):
   enable_compilation_cache()
   mesh = make_mesh()
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
-                                mesh=mesh)
+                                mesh=mesh, quantize=FLAGS.quantize)
   engine = Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
   if FLAGS.precompile if precompile is None else precompile:
     seconds = engine.warmup()
@@ -156,4 +164,6 @@ def model_config():
               else models.get("smollm2-135m"))  # the default model's shapes, float32
   if FLAGS.dtype:
     config = config.replace(param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
+  if FLAGS.quantize and not config.quantization:
+    config = config.replace(quantization=FLAGS.quantize)
   return config

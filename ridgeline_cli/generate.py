@@ -76,7 +76,7 @@ def _memory_report(config, mesh, num_pages=None):
   return sharding.memory_report(
       config, mesh if mesh is not None else sharding.MeshShape(), page_size=FLAGS.page_size,
       device_bytes=device_bytes, memory_fraction=FLAGS.memory_fraction, num_pages=num_pages,
-      max_model_len=FLAGS.max_model_len)
+      max_model_len=FLAGS.max_model_len, kv_dtype=FLAGS.kv_cache_dtype)
 
 
 def main(argv):

@@ -11,17 +11,19 @@ from model.params import Params
 
 
 def load_foreign(path: str | os.PathLike, dtype: str | None = None,
-                 ) -> tuple[ModelConfig, Params]:
+                 quantize: str | None = None) -> tuple[ModelConfig, Params]:
   """A GGUF file or a Hugging Face model directory, chosen by what `path` is.
 
-  dtype None keeps the weights' own dtype (see each converter).
-  """
+  dtype None keeps the weights' own dtype (see each converter). `quantize`: the
+  mode the caller will quantize to; a GGUF file already in that format (Q8_0 for
+  int8, Q4_0 for int4) keeps its own blocks. A Hugging Face fp8 checkpoint always
+  loads as fp8."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
   if path.is_file() and path.suffix == ".gguf":
     from model.convert.gguf import load_gguf
-    return load_gguf(path, dtype)
+    return load_gguf(path, dtype, keep_quantized=quantize)
   if path.is_dir():
     incomplete = _incomplete_ridgeline_checkpoint(path)
     if incomplete:

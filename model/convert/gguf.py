@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import params as params_lib
+from model import quant
 from model.config import ModelConfig, RopeScaling
 from model.params import Params
 
@@ -95,7 +96,8 @@ _LLAMA3_DEFAULT_HIGH_FREQ_FACTOR = 4.0
 _MISSING = object()
 
 
-def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
+def load_gguf(path: str | os.PathLike, dtype: str | None = None,
+              keep_quantized: str | None = None) -> tuple[ModelConfig, Params]:
   """Reads a llama/qwen2 GGUF file into (config, canonical numpy parameter tree).
 
   Args:
@@ -114,6 +116,13 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelC
     ValueError: unsupported architecture or RoPE scaling, tensors missing or of the
       wrong shape, tensors this converter does not understand, or a tensor type the
       `gguf` package cannot dequantize. Messages name the file and the tensors.
+
+  `keep_quantized`: "int8" or "int4". When every projection of the file is Q8_0
+  (for int8) or Q4_0 (for int4), the projections are returned as qwix QArrays
+  holding the file's own values and block scales (blocks of 32 inputs, exact: no
+  float round trip) and the config says so. Other block formats (Q4_1, Q5_*, the
+  K-quants) carry a per-block minimum, an offset that a QArray's integer zero
+  point cannot represent, or nested scales; they are dequantized as without it.
   """
   path = os.fspath(path)
   reader = open_gguf(path)
@@ -126,9 +135,17 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelC
   _check_tensor_set(config, names, tensors, path)
 
   np_dtype = np.dtype(jnp.dtype(dtype))
+  keep = _GGUF_BLOCKS.get(keep_quantized)
+  if keep is not None and not all(
+      gguf.GGMLQuantizationType(tensors[g].tensor_type) == keep
+      for n, g in names.items() if quant.is_quantized_name(n)):
+    keep = None
   flat: dict[str, np.ndarray] = {}
   for name, gguf_name in names.items():
     tensor = tensors[gguf_name]
+    if keep is not None and quant.is_quantized_name(name):
+      flat[name] = _blocks_as_qarray(tensor, keep, arch, config, name)
+      continue
     w = _dequantize(tensor, path)  # float32; [out, in] for projections
     leaf = name.rsplit(".", 1)[-1]
     if arch in _PERMUTED_QK_ARCHITECTURES and leaf in ("q", "q_bias"):
@@ -140,6 +157,8 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelC
       # multiplies by the weight); our tree keeps transformers' (1 + w) convention.
       w = w - np.float32(1.0)
     flat[name] = _to_output(w, tensor, np_dtype, transpose=leaf in _TRANSPOSED)
+  if keep is not None:
+    config = config.replace(quantization=keep_quantized, quantization_block=32)
   params = params_lib.unflatten(flat, config)
   # Shapes were already checked against the file's tensor table; this guards the
   # conversion itself (a transpose or reshape gone wrong).
@@ -467,6 +486,39 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
   if w.shape != shape:
     w = w.reshape(shape)
   return w
+
+
+_GGUF_BLOCKS = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0}
+
+
+def _blocks_as_qarray(tensor: Any, qtype, arch: str, config: ModelConfig, name: str):
+  """A Q8_0 or Q4_0 projection as a QArray [in, out] with scales [in/32, out].
+
+  Q8_0 block (34 bytes): float16 d, 32 int8 q; w = d * q.
+  Q4_0 block (18 bytes): float16 d, 16 bytes of nibbles (low nibbles are
+  elements 0-15, high 16-31); w = d * (nibble - 8), i.e. int4 values in [-8, 7].
+  """
+  rows, row_bytes = tensor.data.shape  # [out, in bytes]
+  block_bytes = 34 if qtype == gguf.GGMLQuantizationType.Q8_0 else 18
+  blocks = np.asarray(tensor.data).reshape(rows, row_bytes // block_bytes, block_bytes)
+  d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, in/32]
+  if qtype == gguf.GGMLQuantizationType.Q8_0:
+    q = blocks[..., 2:].copy().view(np.int8)  # [out, in/32, 32]
+    dtype = np.int8
+  else:
+    nibbles = blocks[..., 2:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int8) - 8
+    dtype = jnp.int4
+  q = q.reshape(rows, -1)  # [out, in]
+  leaf = name.rsplit(".", 1)[-1]
+  if arch in _PERMUTED_QK_ARCHITECTURES and leaf in ("q", "k"):
+    heads = config.num_heads if leaf == "q" else config.num_kv_heads
+    q, d = _unpermute_rope_rows(q, heads), _unpermute_rope_rows(d, heads)
+  # Q4_0 is symmetric: a zero zero-point keeps one int4 layout (asymmetric) for
+  # every int4 model.
+  zero = None if dtype == np.int8 else np.zeros(d.T.shape, jnp.int4)
+  return quant.from_prequantized(np.ascontiguousarray(q.T).astype(dtype),
+                                 np.ascontiguousarray(d.T), zero)
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

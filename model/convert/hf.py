@@ -20,11 +20,13 @@ import re
 import struct
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
 from model import params as params_lib
+from model import quant
 from model.config import ModelConfig, RopeScaling
 from model.params import Params
 
@@ -101,7 +103,22 @@ _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
+
+# Pre-quantized checkpoints (`quantization_config.quant_method`) we load as they
+# are stored. transformers' fp8 integration (FineGrainedFP8Config) writes each
+# quantized Linear's `weight` as float8_e4m3fn [out, in] and its dequantization
+# multiplier as `weight_scale_inv` (despite the name, w = weight * scale): a
+# scalar (per tensor) or, with `weight_block_size` [bo, bi], one per block
+# [ceil(out/bo), ceil(in/bi)]. Exporters that follow the compressed-tensors
+# naming write `weight_scale` instead (scalar or per output channel [out, 1]);
+# both are read. Static activation scales (`activation_scale`, `input_scale`)
+# are not used: activations are quantized per token, dynamically (W8A8 on fp8
+# hardware), which is at least as accurate.
+SUPPORTED_QUANT_METHODS = ("fp8",)
+_SCALE_SUFFIXES = ("_scale_inv", "_scale")
+_ACTIVATION_SCALES = ("activation_scale", "input_scale")
 
 
 # Config ------------------------------------------------------------------------
@@ -358,7 +375,7 @@ def _read_raw(filename: str, name: str) -> np.ndarray:
 def _read_tensor(handle: Any, filename: str, name: str) -> np.ndarray:
   try:
     return handle.get_tensor(name)
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, AttributeError):  # numpy has no float8 dtypes
     return _read_raw(filename, name)
 
 
@@ -389,6 +406,68 @@ def _model_type(path: str) -> str:
     return SUPPORTED_ARCHITECTURES[_architecture(json.load(f))]
 
 
+def quantization_method(hf_config: dict[str, Any], source: str = "") -> tuple[str | None, int | None]:
+  """(method, input block) of a pre-quantized checkpoint's `quantization_config`
+  ((None, None) when it has none). Every method but fp8 is refused, naming it:
+  loading AWQ/GPTQ/bitsandbytes weights as if they were float would give garbage.
+  """
+  qc = hf_config.get("quantization_config")
+  if not qc:
+    return None, None
+  where = f"Hugging Face model {source}: " if source else ""
+  method = qc.get("quant_method") if isinstance(qc, dict) else None
+  if method not in SUPPORTED_QUANT_METHODS:
+    raise ValueError(
+        f"{where}quantization_config.quant_method is {method!r}: this quantization method "
+        f"is not supported (supported: {', '.join(SUPPORTED_QUANT_METHODS)}; or load the "
+        "float checkpoint and quantize it with quantize=int8/int4/fp8)")
+  fmt = qc.get("fmt", qc.get("scale_fmt", "e4m3"))
+  if fmt not in ("e4m3", "float", None):
+    raise ValueError(f"{where}fp8 format {fmt!r} is not supported (only e4m3 with float scales)")
+  block = qc.get("weight_block_size")
+  if block is None:
+    return "fp8", None
+  if not (isinstance(block, (list, tuple)) and len(block) == 2):
+    raise ValueError(f"{where}quantization_config.weight_block_size must be [out, in], "
+                     f"got {block!r}")
+  return "fp8", int(block[1])
+
+
+def _read_scale(filename: str, name: str) -> np.ndarray:
+  with _open(filename) as handle:
+    return np.asarray(_read_tensor(handle, filename, name), np.float32)
+
+
+def _fp8_weight(path, ours, hf_name, tensor, scale, block, *, quantized, target):
+  """A pre-quantized fp8 Linear weight [out, in] and its scale -> a QArray [in, out]
+  (bits unchanged), or float [out, in] for a tensor our model keeps in float."""
+  if tensor.dtype != np.dtype(ml_dtypes.float8_e4m3fn):
+    raise ValueError(f"Hugging Face model {path}: tensor {hf_name} has a scale but dtype "
+                     f"{tensor.dtype}, expected float8_e4m3fn")
+  d_out, d_in = tensor.shape
+  if scale.size == 1:
+    scale_t = np.full((1, d_out), scale.reshape(()), np.float32)
+  elif scale.ndim == 2 and scale.shape == (d_out, 1) or scale.shape == (d_out,):
+    scale_t = scale.reshape(1, d_out)
+  elif block is not None and scale.ndim == 2:
+    bo = -(-d_out // scale.shape[0])
+    if d_in % block or scale.shape[1] != d_in // block:
+      raise ValueError(f"Hugging Face model {path}: tensor {hf_name} {list(tensor.shape)} "
+                       f"and its block scale {list(scale.shape)} do not fit weight_block_size "
+                       f"[{bo}, {block}] (the input size must divide the block)")
+    scale_t = np.repeat(scale, bo, axis=0)[:d_out].T  # [in/bi, out]: exact
+  else:
+    raise ValueError(f"Hugging Face model {path}: scale of {hf_name} has shape "
+                     f"{list(scale.shape)}; expected a scalar, [out], [out, 1] or blocks")
+  if block is not None and scale_t.shape[0] == 1:
+    scale_t = np.repeat(scale_t, d_in // block, axis=0)  # one layout for every layer
+  qvalue = np.ascontiguousarray(tensor.T)  # [in, out], still float8_e4m3fn
+  w = quant.from_prequantized(qvalue, scale_t)
+  if quantized:
+    return w
+  return np.asarray(quant.dequantize(w)).T.astype(target)  # [out, in], e.g. an fp8 lm_head
+
+
 def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
   """Convert a Hugging Face model directory into (config, canonical numpy params).
 
@@ -410,7 +489,9 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelCon
     raise FileNotFoundError(f"no config.json in Hugging Face model directory {path}")
   try:
     with open(config_path) as f:
-      config = config_from_hf(json.load(f), dtype=dtype)
+      hf_json = json.load(f)
+    method, block = quantization_method(hf_json, source=path)
+    config = config_from_hf(hf_json, dtype=dtype)
   except (ValueError, TypeError, AttributeError) as e:  # bad JSON or an unusable config
     raise ValueError(f"Hugging Face config {config_path}: {e}") from e
   if not config.name:
@@ -426,6 +507,11 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelCon
   missing = sorted(hf for hf in known if hf not in files)
   if missing:
     raise ValueError(f"Hugging Face model {path} lacks tensors {missing}")
+  if method:
+    known |= {hf + suffix for entry in wanted.values() for hf in sources(entry)
+              for suffix in _SCALE_SUFFIXES}
+    known |= {hf.rpartition(".")[0] + "." + a for entry in wanted.values()
+              for hf in sources(entry) for a in _ACTIVATION_SCALES}
   if config.tie_word_embeddings:
     known.add("lm_head.weight")  # some exporters save the tied copy; it is unused
   unexpected = sorted(n for n in files if n not in known and not _IGNORED.match(n))
@@ -455,13 +541,35 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelCon
           raise ValueError(
               f"Hugging Face model {path}: tensor {hf_name} has shape "
               f"{tuple(tensor.shape)}, config.json implies {want_hf}")
+        scale_name = (next((hf_name + s for s in _SCALE_SUFFIXES if hf_name + s in files),
+                           None) if method else None)
+        if scale_name is not None:
+          scale = _read_scale(files[scale_name], scale_name)
+          tensor = _fp8_weight(path, ours, hf_name, tensor, scale, block,
+                               quantized=quant.is_quantized_name(ours) and not stacked,
+                               target=target)
+          if isinstance(tensor, quant.QArray):  # kept in fp8, bits unchanged
+            flat[ours] = tensor
+            break
+        elif tensor.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+          raise ValueError(f"Hugging Face model {path}: tensor {hf_name} is float8_e4m3fn "
+                           "but has no weight_scale / weight_scale_inv beside it")
         pieces.append(tensor.T if transpose else tensor)
+      if ours in flat:
+        continue
       value = np.stack(pieces) if stacked else pieces[0]
       flat[ours] = np.array(value, dtype=target, order="C")  # one copy: cast + layout
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
   logging.info("converted %d tensors from %s", len(flat), path)
+  if method:
+    config = config.replace(quantization="fp8", quantization_block=block)
+    # Projections the exporter left in float (modules_to_not_convert) are
+    # quantized here the same way, so every layer has one layout.
+    for name in flat:
+      if quant.is_quantized_name(name) and not isinstance(flat[name], quant.QArray):
+        flat[name] = jax.device_get(quant.quantize_weight(flat[name], "fp8", block))
   params = params_lib.unflatten(flat, config)
   params_lib.check(params, config, source=f"converted parameters of {path}")
   return config, params
