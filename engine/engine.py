@@ -137,8 +137,9 @@ class Engine:
   def __init__(self, model: transformer_lib.Transformer, tokenizer=None,
                config: EngineConfig | None = None,
                peaks: roofline.DevicePeaks | None = None, mesh=None):
-    """`mesh` (model/sharding.make_mesh): shard weights and KV pages over it and
-    split each step's rows over its data axis; None runs where the weights are.
+    """`mesh` (model/sharding.make_mesh): shard weights and KV pages over its model
+    axis (each data replica computes the whole step); None: a 1x1 mesh where the
+    weights are.
     In a multi-process run, pass the same `peaks` to every process (measured
     peaks differ per host, and the planner's choices must not)."""
     config = config or EngineConfig()

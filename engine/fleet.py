@@ -54,6 +54,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from engine import batch
+from engine import util
 from engine.config import EngineConfig
 
 __all__ = ["EngineLoad", "RoundRobin", "PrefixAffinity", "prefix_blocks", "EngineSpec",
@@ -547,7 +548,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, bytes]]:
   ctx = ray.data.DataContext.get_current()
   ctx.execution_options.preserve_order = True
   for number, row in enumerate(ray.data.read_parquet(path).iter_rows(), 1):
-    yield number, json.dumps(_drop_nulls(row), default=batch._json_default).encode()
+    yield number, json.dumps(_drop_nulls(row), default=util.json_default).encode()
 
 
 def _drop_nulls(x):
