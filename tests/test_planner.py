@@ -49,7 +49,7 @@ def test_prefill_budget_reaches_the_ridge_for_llama8b_on_h100():
   assert abs(tokens - ridge) / ridge <= 0.10, (tokens, ridge)
   assert roofline.prefill_cost(LLAMA8B, [(0, tokens)]).intensity >= ridge
   assert roofline.prefill_cost(LLAMA8B, [(0, tokens - 1)]).intensity < ridge
-  # A decode batch below the ridge (and below max_batch): admit a whole chunk.
+  # A decode batch below max_batch (and the ridge): admit a whole chunk.
   assert planner.decode_ridge_batch(50) > 256
   plan = planner.plan([50] * 8)
   assert plan.decode_batch == 8 and plan.target_intensity == pytest.approx(ridge)
