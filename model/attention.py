@@ -47,11 +47,29 @@ _MASK_VALUE = -1e30
 
 IMPLS = ("xla", "pallas_gpu", "pallas_gpu_interpret", "auto")
 
-# Context covered per iteration of the attention loop. A step whose sequences are
-# all shorter runs one iteration (straight-line work); a 2,048-token context runs
-# 8. Smaller blocks cost a loop iteration each; larger ones attend over more
-# padding for short sequences.
+# Context covered per iteration of the attention loop (at most). A step whose
+# sequences are all shorter runs one iteration (straight-line work); a
+# 2,048-token context runs 8. Smaller blocks cost a loop iteration each; larger
+# ones attend over more padding for short sequences.
 BLOCK_TOKENS = 256
+
+# On a CPU a block is also kept small enough that one gathered block of keys
+# (all rows of the region) stays in a core's L2 cache, where the two matmuls
+# that follow read it: a batch-64 decode step of the default model (3 KV heads
+# of 64) gathers 32-token blocks instead of 256, and ran 214 instead of 236 ms
+# on the 2-core development VM (docs/performance.md).
+CPU_BLOCK_BYTES = 2 * 2**20
+
+
+def block_tokens_for(rows: int, kv_heads: int, head_dim: int, itemsize: int,
+                     page_size: int, platform: str | None = None) -> int:
+  """Context tokens per attention-loop iteration for a region of `rows` rows."""
+  platform = platform or jax.default_backend()
+  if platform != "cpu":
+    return BLOCK_TOKENS
+  fit = CPU_BLOCK_BYTES // max(1, rows * kv_heads * head_dim * itemsize)
+  pages = max(1, min(BLOCK_TOKENS, fit) // page_size)
+  return (1 << (pages.bit_length() - 1)) * page_size  # a power of two of pages
 
 
 class StepLayout(NamedTuple):
@@ -246,14 +264,18 @@ _BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
-                    window=None, softcap=None, scale=None, block_tokens=BLOCK_TOKENS):
+                    window=None, softcap=None, scale=None, block_tokens=None):
   """Rows of T queries over their pages, in blocks of pages with an online softmax.
 
   q: [R, T, H, D]; block_tables: [R, NB]; q_positions: [R, T] (-1: padding);
-  kv_lens: [R] (the loop runs to the longest). Same result as `_attend_xla`.
+  kv_lens: [R] (the loop runs to the longest); block_tokens: context per loop
+  iteration (None: `block_tokens_for`). Same result as `_attend_xla`.
   """
   rows, q_len, num_heads, head_dim = q.shape
   _, page_size, kv_heads, _ = k_pages.shape
+  if block_tokens is None:
+    block_tokens = block_tokens_for(rows, kv_heads, head_dim,
+                                    jnp.dtype(q.dtype).itemsize, page_size)
   groups = num_heads // kv_heads
   scale = head_dim ** -0.5 if scale is None else scale
   table_width = block_tables.shape[1]
@@ -295,12 +317,14 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
                                                   ).astype(q.dtype)
 
 
-def _online_update(m, l, acc, logits, pv):
-  """One block of the online softmax: logits [..., C] -> new (m, l, acc)."""
-  m_new = jnp.maximum(m, logits.max(axis=-1))
+def _online_update(m, l, logits, axis=-1):
+  """One block of the online softmax over `axis` of logits: returns the new
+  running max and denominator, the correction of the old accumulator, and the
+  block's unnormalized probabilities."""
+  m_new = jnp.maximum(m, logits.max(axis=axis))
   correction = jnp.exp(m - m_new)
-  p = jnp.exp(logits - m_new[..., None])
-  return m_new, l * correction + p.sum(axis=-1), correction, p
+  p = jnp.exp(logits - jnp.expand_dims(m_new, axis))
+  return m_new, l * correction + p.sum(axis=axis), correction, p
 
 
 def _tile_block(q, scale, kv_heads, groups, head_dim):
@@ -316,7 +340,7 @@ def _tile_block(q, scale, kv_heads, groups, head_dim):
                         preferred_element_type=jnp.float32) * scale  # [R, KVH, G, T, C]
     logits = _softcap(logits, softcap)
     logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
-    m, l, correction, p = _online_update(m, l, acc, logits, None)
+    m, l, correction, p = _online_update(m, l, logits)
     acc = acc * correction[..., None] + jnp.einsum(
         "bkgtc,bckd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m, l, acc
@@ -352,13 +376,15 @@ def _decode_block(q, scale, kv_heads, groups, head_dim):
     block = k.shape[1]
     k = k.reshape(rows, block, kv_heads * head_dim)  # [R, C, KVH*D]
     v = v.reshape(rows, block, kv_heads * head_dim)
-    logits = jnp.einsum("bcx,bxj->bjc", k, q_block,
-                        preferred_element_type=jnp.float32) * scale  # [R, KVH*G, C]
+    # [R, C, KVH*G]: keys as they lie times the queries (a [C, X] x [X, J]
+    # matmul per row); the transposed [R, J, C] form made XLA transpose the keys.
+    logits = jnp.einsum("bcx,bxj->bcj", k, q_block,
+                        preferred_element_type=jnp.float32) * scale
     logits = _softcap(logits, softcap)
-    logits = jnp.where(visible[:, 0, None, :], logits, _MASK_VALUE)
-    m, l, correction, p = _online_update(m, l, acc, logits, None)
+    logits = jnp.where(visible[:, 0, :, None], logits, _MASK_VALUE)
+    m, l, correction, p = _online_update(m, l, logits, axis=1)  # p: [R, C, KVH*G]
     acc = acc * correction[..., None] + jnp.einsum(
-        "bjc,bcx->bjx", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        "bcj,bcx->bjx", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m, l, acc
 
   return body, state
