@@ -350,12 +350,19 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
     keep = cond(needs_sort, truncate, lambda k: k, keep)
     scaled = jnp.where(keep, scaled, _NEG_INF)
 
-    def draw(seed_words, index, row_logits):
+    # One uniform number per row, then the inverse of the row's cumulative
+    # distribution (a categorical draw by Gumbel noise costs a random number per
+    # vocabulary entry: 25 ms for [32, 49152] on the 2-core CPU, against 3).
+    def uniform(seed_words, index):
       key = jax.random.wrap_key_data(seed_words, impl="threefry2x32")
-      key = jax.random.fold_in(key, index)
-      return jax.random.categorical(key, row_logits).astype(jnp.int32)
+      return jax.random.uniform(jax.random.fold_in(key, index))
 
-    sampled = jax.vmap(draw)(inputs.seed, inputs.token_index, scaled)
+    u = jax.vmap(uniform)(inputs.seed, inputs.token_index)  # [R] in [0, 1)
+    weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # 0 where cut
+    cdf = jnp.cumsum(weights, axis=-1)  # [R, V]
+    sampled = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1).astype(jnp.int32)
+    # The first token whose cumulative weight passes u: its own weight is > 0.
+    sampled = jnp.where(sampled < vocab, sampled, greedy_tokens)
     return jnp.where(random_rows, sampled, greedy_tokens)
 
   tokens = cond(jnp.any(random_rows), draw_all, lambda x: greedy_tokens, logits)

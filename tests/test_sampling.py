@@ -69,3 +69,18 @@ def test_sampled_tokens_stay_inside_the_truncated_set():
   again = sampling.build_inputs([(p, p.seed, 0, [], [], []) for p in cases[:3]], 4, vocab)
   alone = np.asarray(jax.jit(sampling.sample)(logits[:4], again).tokens)
   assert list(alone[:3]) == list(tokens[:3])
+
+
+def test_draws_follow_the_distribution():
+  probs = np.zeros(32)
+  probs[:5] = [0.5, 0.25, 0.125, 0.0625, 0.0625]
+  logits = np.log(np.maximum(probs, 1e-30)).astype(np.float32)
+  logits[5:] = -np.inf
+  rows = 4000
+  params = [sampling.SamplingParams(temperature=1.0, seed=i) for i in range(rows)]
+  inputs = sampling.build_inputs([(p, p.seed, 0, [], [], []) for p in params], rows, 32)
+  tokens = np.asarray(jax.jit(sampling.sample)(jnp.asarray(logits)[None].repeat(rows, 0),
+                                               inputs).tokens)
+  freq = np.bincount(tokens, minlength=32) / rows
+  assert freq[5:].sum() == 0  # never a token of probability 0
+  np.testing.assert_allclose(freq, probs, atol=0.03)
