@@ -178,7 +178,11 @@ class Runner:
     with sharding_lib.rules_in_effect(self.mesh, self._plan):
       logits, kv = model(tokens, inputs.positions, kv, inputs.slots, inputs.layout,
                          inputs.sample_index)  # [R, V]
-    out = sampling.sample(logits, inputs.sampler)
+    # Penalty history entries the host has not read yet: -2 - s names the
+    # previous step's output row s.
+    ids = inputs.sampler.history_ids
+    ids = jnp.where(ids <= -2, prev_tokens[jnp.clip(-2 - ids, 0, self.max_rows - 1)], ids)
+    out = sampling.sample(logits, inputs.sampler._replace(history_ids=ids))
     rows = out.tokens.shape[0]
     all_tokens = jnp.zeros((self.max_rows,), jnp.int32).at[:rows].set(out.tokens)
     return kv, StepOutput(all_tokens, out.logprob, out.top_ids, out.top_logprobs)
@@ -186,7 +190,7 @@ class Runner:
   def _key(self, inputs: StepInputs) -> tuple:
     s = inputs.sampler
     return (inputs.src.shape[0], inputs.tokens.shape[0] - inputs.src.shape[0],
-            s.banned.shape[1], s.history.shape[1], s.allowed.shape)
+            s.banned.shape[1], s.history_rows.shape[0], s.allowed.shape)
 
   def dispatch(self, decode: Sequence[DecodeRow], chunks: Sequence[Chunk],
                decode_samples: Sequence, chunk_samples: Sequence,
@@ -259,8 +263,7 @@ class Runner:
       t += used
     sampler = sampling.build_inputs(
         list(sample_rows) + [None] * (num_samples - len(sample_rows)), num_samples,
-        self.model_config.vocab_size,
-        history_width=sampling.bucket_size(cfg.max_model_len, 16))
+        self.model_config.vocab_size)
     layout = attention.StepLayout(decode_tables, decode_lens, tile_tables, tile_lens)
     return StepInputs(tokens, positions, slots, src, layout, sample_index, sampler)
 

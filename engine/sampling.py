@@ -195,8 +195,12 @@ class SamplerInputs(NamedTuple):
   token_index: np.ndarray  # [R] i32, the sequence's own output position
   logprobs: np.ndarray  # [R] bool, the row wants log-probabilities
   banned: np.ndarray  # [R, NBAN] i32 ids that may not be sampled (min_tokens), -1 pad
-  history: np.ndarray  # [R, L] i32 prompt+output ids for penalties, -1 pad ([R, 1] if unused)
-  history_is_output: np.ndarray  # [R, L] bool
+  # The token history of the rows that use penalties, as H (row, id) pairs:
+  # -1 rows pad; an id -2 - s is the token the previous step sampled into its
+  # output row s, not yet read by the host (the runner fills it in).
+  history_rows: np.ndarray  # [H] i32
+  history_ids: np.ndarray  # [H] i32
+  history_is_output: np.ndarray  # [H] bool
   allowed: np.ndarray  # [M, ceil(V/32)] u32 bitmasks of allowed tokens ([1, 1] if unused)
   allowed_row: np.ndarray  # [R] i32 which mask a row uses, -1: none
 
@@ -209,6 +213,9 @@ class SamplerOutput(NamedTuple):
 
 
 BAN_WIDTH = 8  # banned ids per row in the standard step; longer lists widen it
+# (row, id) pairs of penalty history in the standard step: the prompts and outputs
+# of all its rows that use penalties; a longer history widens it (a new variant).
+HISTORY_TOKENS = 4096
 
 
 def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], Sequence[int],
@@ -217,10 +224,12 @@ def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], S
                  ) -> SamplerInputs:
   """Packs rows into arrays of `num_rows` (padding rows are greedy and plain).
 
-  Each row is (params, seed, token_index, banned_ids, prompt_ids, output_ids), or
-  None for a row whose sample nobody reads. `history_width`: the width of the
-  penalty history when some row uses penalties (default: the longest row,
-  rounded up to a power of two).
+  Each row is (params, seed, token_index, banned_ids, prompt_ids, output_ids)
+  or the same with a 7th entry, the previous step's output row that holds the
+  row's last output token when the host has not read it yet (-1: none); None
+  for a row whose sample nobody reads. `history_width`: the number of penalty
+  history pairs (default HISTORY_TOKENS; a longer history rounds up to a power
+  of two).
   """
   b = num_rows
   temperature = np.zeros(b, np.float32)
@@ -237,12 +246,13 @@ def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], S
   penalized = [(i, r) for i, r in live if r[0].uses_penalties]
   banned = np.full((b, bucket_size(max([len(r[3]) for _, r in live] + [BAN_WIDTH]))), -1,
                    np.int32)
-  hist_width = 1
-  if penalized:
-    longest = max(len(r[4]) + len(r[5]) for _, r in penalized)
-    hist_width = max(history_width or 0, bucket_size(longest, 16))
-  history = np.full((b, hist_width), -1, np.int32)
-  is_output = np.zeros((b, hist_width), bool)
+  hist_total = sum(len(r[4]) + len(r[5]) + (len(r) > 6 and r[6] >= 0) for _, r in penalized)
+  hist_width = history_width or HISTORY_TOKENS
+  if hist_total > hist_width:
+    hist_width = bucket_size(hist_total, 16)
+  history_rows = np.full(hist_width, -1, np.int32)
+  history_ids = np.full(hist_width, -1, np.int32)
+  is_output = np.zeros(hist_width, bool)
   masked = [(i, r) for i, r in live if r[0].allowed_token_ids is not None]
   words = -(-vocab_size // 32)
   allowed = np.zeros((b if masked else 1, words if masked else 1), np.uint32)
@@ -263,20 +273,27 @@ def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], S
     seed[idx, 1] = [(x >> 32) & 0xFFFFFFFF for x in seeds]
     token_index[idx] = [r[2] for _, r in live]
     logprobs[idx] = [p.logprobs is not None for p in params]
-  for i, (p, s, t, ban, prompt_ids, output_ids) in live:
-    if ban:
-      banned[i, :len(ban)] = ban
-  for i, (p, s, t, ban, prompt_ids, output_ids) in penalized:
-    n_prompt = len(prompt_ids)
-    history[i, :n_prompt] = prompt_ids
-    history[i, n_prompt:n_prompt + len(output_ids)] = output_ids
-    is_output[i, n_prompt:n_prompt + len(output_ids)] = True
+  for i, r in live:
+    if r[3]:
+      banned[i, :len(r[3])] = r[3]
+  at = 0
+  for i, r in penalized:
+    prompt_ids, output_ids = r[4], r[5]
+    ids = list(prompt_ids) + list(output_ids)
+    if len(r) > 6 and r[6] >= 0:
+      ids.append(-2 - r[6])  # the token in flight
+    n = len(ids)
+    history_rows[at:at + n] = i
+    history_ids[at:at + n] = ids
+    is_output[at + len(prompt_ids):at + n] = True
+    at += n
   for i, (p, *_) in masked:
     ids = np.asarray(p.allowed_token_ids, np.int64)
     np.bitwise_or.at(allowed[i], ids // 32, (1 << (ids % 32)).astype(np.uint32))
     allowed_row[i] = i
   return SamplerInputs(temperature, top_k, top_p, min_p, rep, pres, freq, seed, token_index,
-                       logprobs, banned, history, is_output, allowed, allowed_row)
+                       logprobs, banned, history_rows, history_ids, is_output, allowed,
+                       allowed_row)
 
 
 def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
@@ -294,10 +311,11 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
   cond = jax.lax.cond
 
   def penalize(x):
-    valid = inputs.history >= 0
-    ids = jnp.where(valid, inputs.history, 0)
-    seen = jnp.zeros((batch, vocab), bool).at[rows, ids].max(valid)
-    out_counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].add(
+    valid = (inputs.history_rows >= 0) & (inputs.history_ids >= 0)
+    owner = jnp.where(valid, inputs.history_rows, 0)
+    ids = jnp.where(valid, inputs.history_ids, 0)
+    seen = jnp.zeros((batch, vocab), bool).at[owner, ids].max(valid)
+    out_counts = jnp.zeros((batch, vocab), jnp.float32).at[owner, ids].add(
         (valid & inputs.history_is_output).astype(jnp.float32))
     rep = inputs.repetition_penalty[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
@@ -319,8 +337,7 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
   raw_logits = logits
   uses_penalties = jnp.any((inputs.repetition_penalty != 1) | (inputs.presence_penalty != 0)
                            | (inputs.frequency_penalty != 0))
-  if inputs.history.shape[1] > 1:  # a [R, 1] history means no row uses penalties
-    logits = cond(uses_penalties, penalize, lambda x: x, logits)
+  logits = cond(uses_penalties, penalize, lambda x: x, logits)
   logits = cond(jnp.any(inputs.banned >= 0), ban, lambda x: x, logits)
   if inputs.allowed.shape[1] > 1:  # a [1, 1] mask means no row has one
     logits = cond(jnp.any(inputs.allowed_row >= 0), restrict, lambda x: x, logits)

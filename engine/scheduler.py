@@ -18,8 +18,9 @@ token is still on the device names the output row of step N that sampled it;
 the device fills it in. A stop (EOS, a stop string) is therefore seen one step
 late: the sequence's row in step N+1 is computed and its token dropped; no
 output ever holds a token past its stop. max_tokens and the model length are
-known in advance, so those rows are never dispatched. Rows whose sampling needs
-their history (penalties) make the host read step N first.
+known in advance, so those rows are never dispatched. A penalty history takes
+the token in flight the same way (sampling.SamplerInputs), so the host never
+waits for a step before dispatching the next.
 
 The planner (engine/planner.py) sizes each step: every ready decode row first,
 then prefill chunks in arrival order (FCFS) up to the token budget. When a
@@ -180,10 +181,6 @@ class Scheduler:
     """Dispatches the next step, then reads the previous one; returns its deltas."""
     touched: list[Seq] = []
     evictions = self.allocator.evictions
-    if self._inflight is not None and any(
-        s.inflight and s.request.params.uses_penalties for s in self.running):
-      touched += self._collect(self._inflight)  # their history needs the token
-      self._inflight = None
     new = self._dispatch()
     if self._inflight is not None:
       touched += self._collect(self._inflight)
@@ -347,8 +344,10 @@ class Scheduler:
   def _sample_row(self, seq: Seq):
     # The output position counts the token in flight too: a seeded sequence draws
     # the same key for its k-th token however the steps fell.
+    # A token in flight is in the penalty history as the output row that holds it.
     return (seq.request.params, seq.seed, len(seq.out.token_ids) + seq.inflight,
-            seq.out.banned_ids(), seq.request.prompt_ids, seq.out.token_ids)
+            seq.out.banned_ids(), seq.request.prompt_ids, seq.out.token_ids,
+            seq.last_row if seq.inflight else -1)
 
   def _fork(self, parent: Seq) -> None:
     """Creates the other n-1 samples of a request once its prompt is dispatched:

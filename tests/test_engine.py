@@ -201,6 +201,27 @@ def test_penalties_change_output_and_stay_batch_invariant(engine):
   assert mixed[0].token_ids == alone.token_ids
 
 
+def test_penalties_match_a_step_by_step_reference(engine, model):
+  """The history holds every token, the one still on the device included (the
+  host runs a step ahead): greedy decoding with penalties equals the reference
+  that rescored the whole sequence after each token."""
+  prompt = [7, 7, 7, 7, 9, 9, 3]
+  rep, freq, pres = 1.8, 0.7, 0.4
+  pen = SamplingParams(temperature=0, max_tokens=10, repetition_penalty=rep,
+                       frequency_penalty=freq, presence_penalty=pres)
+  got = engine.generate([prompt, [1, 2, 3, 4]], [pen, GREEDY])[0].token_ids
+  out = []
+  for _ in range(10):
+    x = np.asarray(transformer_lib.score(model, [prompt + out])[0, -1], np.float64)
+    seen = np.zeros(x.shape, bool)
+    seen[prompt + out] = True
+    x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+    counts = np.bincount(out, minlength=x.size)[:x.size] if out else np.zeros(x.size)
+    x = x - freq * counts - pres * (counts > 0)
+    out.append(int(np.argmax(x)))
+  assert got == out
+
+
 def test_n_samples_share_prompt_pages(engine):
   prompt = _prompts(1, seed=11, lo=20, hi=21)[0]
   sp = SamplingParams(n=4, temperature=1.0, seed=9, max_tokens=10)
