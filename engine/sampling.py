@@ -154,10 +154,6 @@ class SamplingParams:
     return (self.repetition_penalty != 1 or self.presence_penalty != 0
             or self.frequency_penalty != 0)
 
-  @property
-  def needs_sort(self) -> bool:
-    return not self.greedy and (self.top_k > 0 or self.top_p < 1)
-
   @classmethod
   def from_dict(cls, d: dict) -> "SamplingParams":
     known = {f.name for f in dataclasses.fields(cls)}
@@ -216,6 +212,9 @@ BAN_WIDTH = 8  # banned ids per row in the standard step; longer lists widen it
 # (row, id) pairs of penalty history in the standard step: the prompts and outputs
 # of all its rows that use penalties; a longer history widens it (a new variant).
 HISTORY_TOKENS = 4096
+# Up to this many rows of a step with top-k/top-p are truncated on their own
+# (gathered, then scattered back); more run over the whole batch.
+TRUNCATE_ROWS = 8
 
 
 def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], Sequence[int],
@@ -352,19 +351,34 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
     # min_p: drop tokens whose probability is below min_p times the top one.
     keep = probs >= inputs.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
 
+    k = jnp.where(inputs.top_k > 0, jnp.minimum(inputs.top_k, vocab), vocab)
+    cut = random_rows & ((inputs.top_k > 0) | (inputs.top_p < 1))  # rows that truncate
+
+    def thresholds(rows_scaled, rows_probs, rows_k, rows_top_p):
+      return _kth_largest(rows_scaled, rows_k), _top_p_threshold(rows_probs, rows_top_p)
+
     def truncate(keep):
       # top-k keeps the k largest logits, top-p the smallest set of most likely
       # tokens whose mass reaches p (the first token always): as thresholds found
       # by bisection, not a sort of the vocabulary (an argsort of [32, 49152]
-      # took 360 ms on the 2-core CPU, more than the model's step).
-      k = jnp.where(inputs.top_k > 0, jnp.minimum(inputs.top_k, vocab), vocab)
-      kth = _kth_largest(scaled, k)  # [R]
-      top_p_min = _top_p_threshold(probs, inputs.top_p)  # [R]
-      keep &= scaled >= kth[:, None]
-      return keep & ((probs >= top_p_min[:, None]) | (inputs.top_p[:, None] >= 1))
+      # took 360 ms on the 2-core CPU, more than the model's step). A few
+      # truncating rows are gathered first, so a batch pays for them only.
+      few = min(batch, TRUNCATE_ROWS)
 
-    needs_sort = jnp.any(random_rows & ((inputs.top_k > 0) | (inputs.top_p < 1)))
-    keep = cond(needs_sort, truncate, lambda k: k, keep)
+      def some_rows(_):
+        idx = jnp.argsort(~cut, stable=True)[:few]  # the truncating rows first
+        kth, p_min = thresholds(scaled[idx], probs[idx], k[idx], inputs.top_p[idx])
+        return (jnp.full((batch,), -jnp.inf).at[idx].set(kth),
+                jnp.zeros((batch,), jnp.float32).at[idx].set(p_min))
+
+      def all_rows(_):
+        return thresholds(scaled, probs, k, inputs.top_p)
+
+      kth, p_min = cond(jnp.sum(cut) <= few, some_rows, all_rows, None)
+      keep &= (scaled >= kth[:, None]) | ~cut[:, None]
+      return keep & ((probs >= p_min[:, None]) | (inputs.top_p[:, None] >= 1) | ~cut[:, None])
+
+    keep = cond(jnp.any(cut), truncate, lambda k: k, keep)
     scaled = jnp.where(keep, scaled, _NEG_INF)
 
     # One uniform number per row, then the inverse of the row's cumulative

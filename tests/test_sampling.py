@@ -69,6 +69,13 @@ def test_sampled_tokens_stay_inside_the_truncated_set():
   again = sampling.build_inputs([(p, p.seed, 0, [], [], []) for p in cases[:3]], 4, vocab)
   alone = np.asarray(jax.jit(sampling.sample)(logits[:4], again).tokens)
   assert list(alone[:3]) == list(tokens[:3])
+  # A few truncating rows among untruncated ones (they are truncated on their own).
+  few = [sampling.SamplingParams(temperature=1.0, top_k=5, seed=i) for i in range(3)] + [
+      sampling.SamplingParams(temperature=1.0, seed=100 + i) for i in range(13)]
+  inputs = sampling.build_inputs([(p, p.seed, 0, [], [], []) for p in few], rows, vocab)
+  mixed = np.asarray(jax.jit(sampling.sample)(logits, inputs).tokens)
+  assert list(mixed[:3]) == list(tokens[:3])  # as in the batch where every row truncated
+  assert not all(top5[t] for t in mixed[3:])  # the others draw from the whole vocabulary
 
 
 def test_draws_follow_the_distribution():
