@@ -87,8 +87,12 @@ class EngineConfig:
 
   @property
   def decode_buckets(self) -> tuple[int, ...]:
-    """Decode rows of a step without prefill work."""
-    return power_of_two_buckets(self.max_batch)
+    """Decode rows of a step without prefill work: powers of two, and from 16 on
+    the points half-way (24, 48, ...): a batch-33 step padded to 64 rows cost 295
+    ms where 48 rows cost 253 (2-core CPU, 300-token contexts)."""
+    powers = power_of_two_buckets(self.max_batch)
+    halves = [3 * b // 2 for b in powers if b >= 16 and 3 * b // 2 < self.max_batch]
+    return tuple(sorted(set(powers) | set(halves)))
 
   @property
   def mixed_decode_buckets(self) -> tuple[int, ...]:
