@@ -3,14 +3,17 @@
 Every per-request parameter travels to the device as a row of an array, so a new
 combination of parameters never recompiles: the sampler runs inside the model's
 jitted step (engine/runner.py), and which optional work it does is decided on
-the device from those arrays. Only two shapes can change: the penalty history
-(width 1 unless some row uses penalties) and the allowed-token masks ([1, 1]
-unless some row has `allowed_token_ids`); each compiles its own step variant
-the first time it is used.
+the device from those arrays. Only a few shapes can change: the penalty
+history (HISTORY_TOKENS pairs unless the step's penalized rows hold more), the
+banned ids (BAN_WIDTH a row unless longer) and the allowed-token masks ([1, 1]
+unless some row has `allowed_token_ids`); each compiles its own step variant the
+first time it is used.
 
 Randomness: a row's key is `fold_in(PRNGKey(seed), token_index)`, where
-`token_index` counts the request's own generated tokens. A seeded request draws
-the same tokens whatever else shares its batch, and after a preemption.
+`token_index` counts the request's own generated tokens; a row draws one uniform
+number from it and takes the token where its cumulative distribution passes it.
+A seeded request draws the same tokens whatever else shares its batch, and after
+a preemption.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ class SamplerInputs(NamedTuple):
 
   Arrays rather than Python scalars so every value is data to the compiled step,
   not part of its cache key. Which work runs (penalties, bans, the random draw,
-  the sort for top-k/top-p, log-probabilities, allowed-token masks) is decided on
+  the top-k/top-p thresholds, log-probabilities, allowed-token masks) is decided on
   the device from these arrays (`lax.cond`), so one compiled step serves every
   mix of parameters, and a row that uses none of them costs nothing extra.
   """
