@@ -348,6 +348,17 @@ def rules_in_effect(mesh: Mesh, plan: Plan):
     _active.value = previous
 
 
+def rules_key() -> tuple | None:
+  """A hashable name of the rules in effect (None outside `rules_in_effect`): a
+  function traced once and reused (a nested jit) keys its cache on it, since
+  `constrain` bakes the rules into what it traces."""
+  active = getattr(_active, "value", None)
+  if active is None:
+    return None
+  mesh, p = active
+  return mesh, tuple(sorted(p.axes.items()))
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
   """`x` sharded as its logical axes say under the rules in effect; unchanged
   outside `rules_in_effect` (a single device, or no mesh)."""

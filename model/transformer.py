@@ -164,13 +164,17 @@ class Block(nnx.Module):
     return x + h, (k_pages, v_pages)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def _run_block(graphdef, state, x, positions, inv_freq, kv, slots, layout, attention_impl):
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _run_block(graphdef, state, x, positions, inv_freq, kv, slots, layout, attention_impl,
+               rules):
   """One layer as its own jitted function. Layers of one structure (all of them,
   or each kind of Gemma's local/global layers) share one trace: a step's 30
   layers are traced once, not 30 times (tracing was most of the 1 s of Python
   each step variant spent before XLA saw it). XLA inlines the calls, so the
-  compiled step is the same as the unrolled one."""
+  compiled step is the same as the unrolled one. `rules`: the sharding rules in
+  effect (`sharding.rules_key()`), which the trace bakes in, so a trace made
+  under one mesh's rules is never reused under another's."""
+  del rules
   return nnx.merge(graphdef, state)(x, positions, inv_freq, kv, slots, layout, attention_impl)
 
 
@@ -217,7 +221,7 @@ class Transformer(nnx.Module):
       inv_freq = (self.inv_freq_local if cfg.layer_uses_local_rope(i) else self.inv_freq)[...]
       graphdef, state = nnx.split(layer)
       x, layer_kv = _run_block(graphdef, state, x, positions, inv_freq, layer_kv, slots,
-                               layout, self.attention_impl)
+                               layout, self.attention_impl, sharding_lib.rules_key())
       new_kv.append(layer_kv)
     if logits_indices is not None:
       x = x[logits_indices]  # [R, D]
