@@ -236,6 +236,7 @@ class EngineSpec:
   config: EngineConfig = dataclasses.field(default_factory=EngineConfig)
   compilation_cache_dir: str | None = None
   tokenizer_gguf: str | None = None  # a preset's tokenizer (its vocab sizes the preset)
+  quantize: str | None = None  # load_model's `quantize` ("int8", "int4", "fp8")
 
   def build(self):
     from engine.engine import Engine
@@ -251,9 +252,14 @@ class EngineSpec:
       tokenizer = Tokenizer.from_gguf(self.tokenizer_gguf)
       config = models.get(self.preset).replace(vocab_size=tokenizer.vocab_size)
       model = transformer_lib.Transformer(config, rngs=nnx.Rngs(self.seed))
+      if self.quantize:
+        from model import loading
+        config, params = loading._quantized(config, transformer_lib.to_params(model),
+                                            self.quantize)
+        model = transformer_lib.from_params(config, params)
     else:
       model, tokenizer = load_model(self.checkpoint, self.preset, self.cache_dir, self.dtype,
-                                    seed=self.seed)
+                                    seed=self.seed, quantize=self.quantize)
     return Engine(model, tokenizer, self.config)
 
 
@@ -636,14 +642,9 @@ class _Journal:
     return records
 
   def commit(self, name: str, records: Sequence[dict]) -> None:
-    final = self.path(name)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    # The commit: the block is there whole, or not at all.
+    with util.atomic_write(self.path(name), "wb", fsync=self.fsync) as f:
       f.write(b"".join(batch._dumps(r) for r in records))
-      f.flush()
-      if self.fsync:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)  # the commit: the block is there whole, or not at all
     if self.fsync:
       fd = os.open(self.dir, os.O_RDONLY)
       try:
@@ -661,21 +662,13 @@ class _Journal:
 def _assemble(journal: _Journal, names: Sequence[str], output: str) -> batch.Tally:
   """The output: every block's records in input order, replaced atomically."""
   tally = batch.Tally()
-  tmp = f"{output}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as out:
-      for name in names:
-        with open(journal.path(name), "rb") as f:
-          data = f.read()
-        for raw in data.splitlines(keepends=True):
-          tally.add(json.loads(raw))
-        out.write(data)
-      out.flush()
-      os.fsync(out.fileno())
-    os.replace(tmp, output)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with util.atomic_write(output, "wb") as out:
+    for name in names:
+      with open(journal.path(name), "rb") as f:
+        data = f.read()
+      for raw in data.splitlines(keepends=True):
+        tally.add(json.loads(raw))
+      out.write(data)
   return tally
 
 

@@ -256,11 +256,12 @@ def format_table(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
-# The model and engine flags (scripts/flags_common.py) a benchmark passes on to the
-# server it starts.
+# The model and engine flags (ridgeline_cli/flags_common.py) a benchmark passes on to
+# the server it starts.
 SERVER_FLAGS = ("checkpoint", "model", "cache_dir", "dtype", "page_size", "num_pages",
                 "kv_cache_mb", "memory_fraction", "max_batch", "max_model_len",
-                "prefill_chunk", "max_prefill_batch", "compilation_cache_dir", "mesh")
+                "prefill_chunk", "max_prefill_batch", "compilation_cache_dir", "mesh",
+                "quantize", "kv_cache_dtype", "precompile")
 
 
 def main(cfg: ServeBenchConfig, serve_script, server_flags: Sequence[str], output: str,

@@ -6,9 +6,10 @@ JSON writes. Nothing here imports the rest of the project (model/ uses it too).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -72,20 +73,29 @@ def json_default(x):
   return str(x)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any = None, *, text: str | None = None,
-                      indent: int | None = 2) -> None:
-  """Writes `obj` as JSON (or `text` as is) through a temporary file, fsync and
-  rename, so a reader never sees half a file and a crash leaves the old one."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", fsync: bool = True) -> Iterator[Any]:
+  """A file to write `path` through: a temporary file beside it, flushed (and
+  fsynced) and renamed over `path` when the block ends, removed if it raises,
+  so a reader never sees half a file and a crash leaves the old one."""
   path = os.fspath(path)
-  if text is None:
-    text = json.dumps(obj, indent=indent, default=json_default) + "\n"
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, mode) as f:
+      yield f
       f.flush()
-      os.fsync(f.fileno())
+      if fsync:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any = None, *, text: str | None = None,
+                      indent: int | None = 2) -> None:
+  """Writes `obj` as JSON (or `text` as is) through `atomic_write`."""
+  if text is None:
+    text = json.dumps(obj, indent=indent, default=json_default) + "\n"
+  with atomic_write(path) as f:
+    f.write(text)

@@ -86,11 +86,6 @@ def _abspath(path: str | os.PathLike) -> str:
   return os.path.abspath(os.fspath(path))
 
 
-def _write_json_atomic(path: str, text: str) -> None:
-  """Write via a temporary file and rename, so readers never see half a file."""
-  write_json_atomic(path, text=text)
-
-
 def _read_json(path: str, what: str, checkpoint: str) -> Any:
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint {checkpoint}: missing {what} file {path}")
@@ -318,8 +313,8 @@ def save(path: str | os.PathLike, params: Params, config: ModelConfig, *,
     ckptr.save(os.path.join(path, PARAMS_DIR), params, force=force)
     ckptr.wait_until_finished()
   if primary:
-    _write_json_atomic(os.path.join(path, MANIFEST_FILE), _manifest_json(manifest))
-    _write_json_atomic(os.path.join(path, CONFIG_FILE), config.to_json())
+    write_json_atomic(os.path.join(path, MANIFEST_FILE), text=_manifest_json(manifest))
+    write_json_atomic(os.path.join(path, CONFIG_FILE), text=config.to_json())
   _sync("ridgeline_checkpoint_save_done")
 
 

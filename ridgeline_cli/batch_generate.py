@@ -129,7 +129,8 @@ def _fleet_job(fleet_lib, loading) -> int:
   spec = fleet_lib.EngineSpec(checkpoint=checkpoint, preset=FLAGS.model,
                               cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
                               config=flags_common.engine_config(),
-                              compilation_cache_dir=flags_common.compilation_cache_dir())
+                              compilation_cache_dir=flags_common.compilation_cache_dir(),
+                              quantize=FLAGS.quantize)
   fleet = fleet_lib.Fleet(spec, num_workers=FLAGS.ray_workers or None,
                           num_gpus=FLAGS.ray_worker_gpus, num_cpus=FLAGS.ray_worker_cpus,
                           max_restarts=FLAGS.ray_max_restarts,
@@ -170,14 +171,18 @@ def _default_sampling() -> dict:
 
 def _show(path: str, k: int) -> None:
   for r in batch.read_records(path)[:k]:
-    print(f"### {r['id']} (line {r['line']})")
+    view = batch._record_view(r)  # an OpenAI batch record keeps its answer in `response`
+    print(f"### {view['id']} (line {view['line']})")
     if r.get("error"):
       print(f"[error] {r['error']}\n")
       continue
-    text = r["text"] if len(r["text"]) <= 600 else r["text"][:600] + " [...]"
-    print(text)
-    ttft = (r.get("metrics") or {}).get("ttft_s")
-    print(f"[{r['completion_tokens']} tokens, {r['finish_reason']}"
+    text = r.get("text")
+    if text is None:
+      choice = r["response"]["body"]["choices"][0]
+      text = choice["message"]["content"] if "message" in choice else choice["text"]
+    print(text if len(text) <= 600 else text[:600] + " [...]")
+    ttft = (view.get("metrics") or {}).get("ttft_s")
+    print(f"[{view['completion_tokens']} tokens, {view['finish_reason']}"
           + (f", ttft {ttft * 1e3:.0f} ms" if ttft is not None else "") + "]\n")
 
 

@@ -15,10 +15,9 @@ in flight and KV use per replica), GET /replicas/I/metrics (replica I's own), GE
 /fleet (JSON). Runs until interrupted.
 """
 
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from ridgeline_cli import _app, flags_common
 
@@ -54,7 +53,8 @@ def main(argv):
   spec = fleet_lib.EngineSpec(checkpoint=checkpoint, preset=FLAGS.model,
                               cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
                               config=flags_common.engine_config(),
-                              compilation_cache_dir=flags_common.compilation_cache_dir())
+                              compilation_cache_dir=flags_common.compilation_cache_dir(),
+                              quantize=FLAGS.quantize)
   fleet_lib.serve_fleet(spec, FLAGS.replicas, host=FLAGS.host, port=FLAGS.port,
                         model_name=FLAGS.served_model_name, max_pending=FLAGS.max_pending,
                         retry_after_s=FLAGS.retry_after, api_key=FLAGS.api_key,

@@ -175,3 +175,17 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
       assert body["usage"]["completion_tokens"] == len(exp.token_ids), i
       assert body["choices"][0]["finish_reason"] == exp.finish_reason
   assert killed_runs >= 1
+
+
+def test_show_prints_openai_batch_records(tmp_path, capsys):
+  from ridgeline_cli.batch_generate import _show
+  record = {"id": "batch_req_1", "custom_id": "req-1", "line": 1, "error": None,
+            "response": {"status_code": 200, "request_id": "r", "body": {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3}}}}
+  path = tmp_path / "out.jsonl"
+  path.write_text(json.dumps(record) + "\n")
+  _show(str(path), 5)
+  out = capsys.readouterr().out
+  assert "### req-1 (line 1)" in out and "Paris." in out and "[3 tokens, stop" in out

@@ -406,3 +406,10 @@ def test_serve_fleet_answers_the_openai_client_and_429s_when_every_replica_is_fu
     assert "ridgeline_decode_batch_size" in httpx.get(url + "/replicas/1/metrics").text
   finally:
     serve.shutdown()
+
+
+def test_engine_spec_passes_quantize_to_the_model():
+  spec = fleet_lib.EngineSpec(preset="tiny", quantize="int8", config=EngineConfig(
+      page_size=8, num_pages=16, max_model_len=32, max_batch=2, prefill_chunk=16))
+  engine = spec.build()
+  assert engine.model_config.quantization == "int8"

@@ -264,20 +264,14 @@ def _rewrite_in_input_order(sources: Sequence[str], dest: str) -> Tally:
     tally.add(record)
   if list(sources) == [dest] and in_order == index and not fixes:
     return tally
-  tmp = f"{dest}.tmp-{os.getpid()}"
   fds = [os.open(p, os.O_RDONLY) for p in sources]
   try:
-    with open(tmp, "wb") as out:
+    with util.atomic_write(dest, "wb") as out:
       for line, s, offset, length in in_order:
         out.write(_dumps(fixes[line]) if line in fixes else os.pread(fds[s], length, offset))
-      out.flush()
-      os.fsync(out.fileno())
-    os.replace(tmp, dest)
   finally:
     for fd in fds:
       os.close(fd)
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return tally
 
 
@@ -334,4 +328,3 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
-_write_json = util.write_json_atomic
