@@ -35,7 +35,7 @@ from engine.metrics import Metrics
 from engine.planner import Planner
 from engine.runner import Runner
 from engine.sampling import SamplingParams
-from engine.outputs import RequestMetrics
+from engine.outputs import RequestMetrics, StreamOutput
 from engine.scheduler import Request, Scheduler
 from model import default_model
 from model import transformer as transformer_lib
@@ -106,20 +106,6 @@ class RequestOutput:
   @property
   def finish_reason(self) -> str | None:
     return self.outputs[0].finish_reason
-
-
-@dataclasses.dataclass
-class StreamOutput:
-  """A piece of one completion: `text` and `token_ids` are new since the last one."""
-
-  request_id: str
-  index: int
-  text: str
-  token_ids: list[int]
-  finished: bool
-  finish_reason: str | None
-  error: str | None = None
-  prompt_index: int | None = None  # set by `stream`: the prompt's position
 
 
 @dataclasses.dataclass
@@ -438,8 +424,7 @@ class Engine:
           if d.request_id not in live:
             continue  # a request of another caller of add_request
           if stream:
-            yield StreamOutput(d.request_id, d.index, d.text, d.token_ids, d.finished,
-                               d.finish_reason)
+            yield d
           if d.finished and self.scheduler.requests[d.request_id].finished:
             done[d.request_id] = None
         for rid in done:

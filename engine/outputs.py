@@ -17,8 +17,8 @@ from engine.sampling import SamplingParams
 
 
 @dataclasses.dataclass
-class Delta:
-  """What one sequence produced since the last report."""
+class StreamOutput:
+  """A piece of one completion: `text` and `token_ids` are new since the last one."""
 
   request_id: str
   index: int
@@ -26,6 +26,8 @@ class Delta:
   token_ids: list[int]
   finished: bool
   finish_reason: str | None
+  error: str | None = None
+  prompt_index: int | None = None  # set by `Engine.stream`: the prompt's position
 
 
 @dataclasses.dataclass(eq=False)
@@ -99,7 +101,7 @@ class Completion:
     self.error = error
     self.finish_reason = "error"
 
-  def delta(self, request_id: str, index: int) -> Delta | None:
+  def delta(self, request_id: str, index: int) -> StreamOutput | None:
     """New tokens and text since the last delta, or None if there are none."""
     finished = self.finished
     # Hold back text that may still turn out to be the start of a stop string.
@@ -111,7 +113,7 @@ class Completion:
       return None
     self.emitted_chars = upto
     self.emitted_tokens = len(self.token_ids)
-    return Delta(request_id, index, text, token_ids, finished, self.finish_reason)
+    return StreamOutput(request_id, index, text, token_ids, finished, self.finish_reason)
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ the state, not an `nnx.jit` of the module (which would walk the module graph on
 every call). The page pools are donated, so XLA writes the new K/V into the same
 buffers and the old handles are deleted.
 
-A step (`StepBatch`) is every decoding sequence's next token and the prefill
+A step (`StepInputs`) is every decoding sequence's next token and the prefill
 chunks chosen for it, packed as one flat batch (see `attention.StepLayout`):
 the weights are read once per step, for all of its tokens. The same call
 samples every row that needs a token (decode rows, and prefill chunks that end
@@ -109,7 +109,6 @@ class Pending:
   """A dispatched step whose results the host has not read yet."""
 
   output: StepOutput
-  num_decode: int  # Bd of the step's shape: chunk j samples into row num_decode + j
   dispatched_at: float
   want_logprobs: bool
 
@@ -161,8 +160,6 @@ class Runner:
     self.compilations = 0
     self._sub_byte = any(jnp.dtype(x.dtype).itemsize < 1 or jnp.dtype(x.dtype).name in
                          ("int4", "uint4") for x in jax.tree.leaves(self.state))
-    self.compile_seconds = 0.0
-    self.warm = False
 
   # The step -------------------------------------------------------------------------
 
@@ -205,8 +202,8 @@ class Runner:
     t0 = time.perf_counter()
     self.kv, out = compiled(self.state, self.kv, self._prev_tokens, inputs)
     self._prev_tokens = out.tokens
-    want = any(r is not None and r[0].logprobs is not None for r in sample_rows)
-    return Pending(out, shape[0], t0, want)
+    want = bool(inputs.sampler.logprobs.any())
+    return Pending(out, t0, want)
 
   def build(self, decode: Sequence[DecodeRow], chunks: Sequence[Chunk], sample_rows,
             shape: tuple[int, int]) -> StepInputs:
@@ -270,18 +267,16 @@ class Runner:
   @staticmethod
   def read(pending: Pending) -> tuple[np.ndarray, tuple | None]:
     """Waits for a step and reads its tokens (and log-probabilities if asked)."""
-    tokens = np.asarray(pending.output.tokens)
-    logprobs = None
-    if pending.want_logprobs:
-      o = pending.output
-      logprobs = tuple(np.asarray(x) for x in (o.logprob, o.top_ids, o.top_logprobs))
-    return tokens, logprobs
+    o = pending.output
+    if not pending.want_logprobs:
+      return np.asarray(o.tokens), None
+    tokens, *logprobs = jax.device_get((o.tokens, o.logprob, o.top_ids, o.top_logprobs))
+    return tokens, tuple(logprobs)
 
   # Compilation ------------------------------------------------------------------------
 
   def _compile(self, inputs: StepInputs) -> jax.stages.Compiled:
     key = self._key(inputs)
-    t0 = time.perf_counter()
     spec = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), inputs)
     prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=self._replicated)
@@ -299,7 +294,6 @@ class Runner:
     with self._compile_lock:
       self._compiled.setdefault(key, compiled)
       self.compilations += 1
-      self.compile_seconds += time.perf_counter() - t0
     return self._compiled[key]
 
   def standard_inputs(self, shape: tuple[int, int]) -> StepInputs:
@@ -315,7 +309,6 @@ class Runner:
     if todo:
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(self._compile, todo))
-    self.warm = True
     return time.perf_counter() - t0
 
   @property

@@ -100,6 +100,11 @@ class Seq:
     return self.request.prompt_ids + self.out.token_ids
 
   @property
+  def last_token(self) -> int:
+    """The latest resolved token (without building `tokens`)."""
+    return self.out.token_ids[-1] if self.out.token_ids else self.request.prompt_ids[-1]
+
+  @property
   def num_tokens(self) -> int:
     return len(self.request.prompt_ids) + len(self.out.token_ids) + self.inflight
 
@@ -177,7 +182,7 @@ class Scheduler:
 
   # The step -------------------------------------------------------------------
 
-  def step(self) -> list[outputs.Delta]:
+  def step(self) -> list[outputs.StreamOutput]:
     """Dispatches the next step, then reads the previous one; returns its deltas."""
     touched: list[Seq] = []
     evictions = self.allocator.evictions
@@ -303,7 +308,7 @@ class Scheduler:
     decode_rows = []
     for s in decode:
       known = s.inflight == 0
-      decode_rows.append(DecodeRow(s.tokens[-1] if known else 0, -1 if known else s.last_row,
+      decode_rows.append(DecodeRow(s.last_token if known else 0, -1 if known else s.last_row,
                                    s.num_tokens - 1, s.pages))
     chunk_rows = []
     for s, c in chunks:
@@ -394,7 +399,8 @@ class Scheduler:
         ended = True
       if ended:
         self._finish(seq)
-      else:
+      elif (min(seq.num_computed, seq.num_tokens - seq.inflight) // self.config.page_size
+            > len(seq.page_keys)):  # a page filled: publish it (rarely, so `tokens` is built)
         self.kv.publish(seq, seq.tokens)
       touched.append(seq)
     return touched
