@@ -5,7 +5,7 @@ combination of parameters never recompiles: the sampler runs inside the model's
 jitted step (engine/runner.py), and which optional work it does is decided on
 the device from those arrays. Only a few shapes can change: the penalty
 history (HISTORY_TOKENS pairs unless the step's penalized rows hold more), the
-banned ids (BAN_WIDTH a row unless longer) and the allowed-token masks ([1, 1]
+banned ids (BAN_WIDTH a row unless longer) and the allowed-token masks ([0, 1]
 unless some row has `allowed_token_ids`); each compiles its own step variant the
 first time it is used.
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.util import bucket_size  # noqa: F401 (the scheduler calls sampling.bucket_size)
+from engine.util import bucket_size
 
 MAX_LOGPROBS = 20
 _NEG_INF = -jnp.inf
@@ -149,10 +149,6 @@ class SamplingParams:
         bad(name, "true or false")
 
   @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
-
-  @property
   def uses_penalties(self) -> bool:
     return (self.repetition_penalty != 1 or self.presence_penalty != 0
             or self.frequency_penalty != 0)
@@ -200,7 +196,7 @@ class SamplerInputs(NamedTuple):
   history_rows: np.ndarray  # [H] i32
   history_ids: np.ndarray  # [H] i32
   history_is_output: np.ndarray  # [H] bool
-  allowed: np.ndarray  # [M, ceil(V/32)] u32 bitmasks of allowed tokens ([1, 1] if unused)
+  allowed: np.ndarray  # [M, ceil(V/32)] u32 bitmasks of allowed tokens ([0, 1] if unused)
   allowed_row: np.ndarray  # [R] i32 which mask a row uses, -1: none
 
 
@@ -257,7 +253,7 @@ def build_inputs(rows: Sequence[tuple[SamplingParams, int, int, Sequence[int], S
   is_output = np.zeros(hist_width, bool)
   masked = [(i, r) for i, r in live if r[0].allowed_token_ids is not None]
   words = -(-vocab_size // 32)
-  allowed = np.zeros((b if masked else 1, words if masked else 1), np.uint32)
+  allowed = np.zeros((b, words) if masked else (0, 1), np.uint32)  # [0, 1]: unused
   allowed_row = np.full(b, -1, np.int32)
   if live:
     # Whole columns at once: a per-row loop cost ~8 us a row (2 ms at batch 256).
@@ -341,7 +337,7 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
                            | (inputs.frequency_penalty != 0))
   logits = cond(uses_penalties, penalize, lambda x: x, logits)
   logits = cond(jnp.any(inputs.banned >= 0), ban, lambda x: x, logits)
-  if inputs.allowed.shape[1] > 1:  # a [1, 1] mask means no row has one
+  if inputs.allowed.shape[0]:  # a [0, 1] mask means no row has one
     logits = cond(jnp.any(inputs.allowed_row >= 0), restrict, lambda x: x, logits)
 
   greedy_tokens = _argmax(logits)

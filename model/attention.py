@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from model import kv_quant
+from model import layers
 
 # Masked logits use a large finite value, not -inf, so a fully masked row (a
 # padding query) yields a harmless uniform softmax instead of NaN.
@@ -222,10 +223,6 @@ def _visible(kv_pos, q_pos, window):
   return seen
 
 
-def _softcap(logits, softcap):
-  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
-
-
 def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, window=None,
                 softcap=None, scale=None):
   """The reference: rows of T queries, each row over its whole block table at once.
@@ -244,12 +241,10 @@ def _attend_xla(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, wind
   scale = head_dim ** -0.5 if scale is None else scale
   logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
                       preferred_element_type=jnp.float32) * scale  # [B, KVH, G, T, C]
-  logits = _softcap(logits, softcap)
+  logits = layers.softcap(logits, softcap)
   kv_pos = jnp.arange(ctx, dtype=jnp.int32)
   visible = (_visible(kv_pos[None, None, :], q_positions[:, :, None], window)
              & (kv_pos[None, None, :] < kv_lens[:, None, None]))  # [B, T, C]
-  if window is not None:
-    visible &= kv_pos[None, None, :] > q_positions[:, :, None] - window
   logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)  # [B, T, KVH, G, D]
@@ -338,7 +333,7 @@ def _tile_block(q, scale, kv_heads, groups, head_dim):
     m, l, acc = carry
     logits = jnp.einsum("btkgd,bckd->bkgtc", qg, k,
                         preferred_element_type=jnp.float32) * scale  # [R, KVH, G, T, C]
-    logits = _softcap(logits, softcap)
+    logits = layers.softcap(logits, softcap)
     logits = jnp.where(visible[:, None, None], logits, _MASK_VALUE)
     m, l, correction, p = _online_update(m, l, logits)
     acc = acc * correction[..., None] + jnp.einsum(
@@ -380,7 +375,7 @@ def _decode_block(q, scale, kv_heads, groups, head_dim):
     # matmul per row); the transposed [R, J, C] form made XLA transpose the keys.
     logits = jnp.einsum("bcx,bxj->bcj", k, q_block,
                         preferred_element_type=jnp.float32) * scale
-    logits = _softcap(logits, softcap)
+    logits = layers.softcap(logits, softcap)
     logits = jnp.where(visible[:, 0, :, None], logits, _MASK_VALUE)
     m, l, correction, p = _online_update(m, l, logits, axis=1)  # p: [R, C, KVH*G]
     acc = acc * correction[..., None] + jnp.einsum(

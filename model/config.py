@@ -91,7 +91,8 @@ class ModelConfig:
   # projections are qwix QArrays of that kind (param_dtype covers the rest).
   quantization: str | None = None
   # Sub-channel block (input rows per scale) of the quantized projections; None:
-  # the mode's default (per output channel for int8/fp8; 128, 64 or 32 for int4).
+  # the mode's default (int8: 128, 64 or 32; int4: 32, 64 or 128; fp8: per output
+  # channel).
   # Pre-quantized files set it (GGUF Q8_0/Q4_0: 32).
   quantization_block: int | None = None
 

@@ -3,8 +3,8 @@
 A quantized page pool is a `qwix.QArray`: `qvalue` [P, S, K, Dh] int8 or
 float8_e4m3fn and `scale` [P, S, K, 1] bfloat16 (absmax of the head's Dh values
 over the dtype's largest value). It is a pytree like the float pool, so
-donation, sharding constraints (the scale is split by KV head like the values)
-and page copies (`engine.kv_cache.copy_pages`, a tree map) work unchanged.
+donation and sharding constraints (the scale is split by KV head like the
+values) work unchanged.
 
 Why per (slot, head) and bfloat16 scales: a token's K/V is written once, when the
 token is computed, so its scale can only depend on that token (a per-page scale

@@ -3,8 +3,8 @@
 A quantized model keeps the canonical parameter tree (model/params.py) with one
 change: each per-layer projection (`q k v o gate up down`, all [in, out]) is a
 `qwix.QArray` instead of an array: `qvalue` [in, out] in the quantized dtype and
-`scale` (float32) with one entry per output channel (int8, fp8) or per output
-channel and block of `in` (int4):
+`scale` (float32) with one entry per output channel and block of g input rows
+(int8, int4) or per output channel (fp8):
 
   mode  qvalue         scale           use in a matmul (see `einsum`)
   int8  int8           [in/g, out]     weight-only (dequantized into the einsum),
@@ -169,8 +169,8 @@ def quantize_params(params: dict, mode: str, block: int | None = None) -> dict:
   out["layers"] = []
   for layer in params["layers"]:
     layer = dict(layer)
-    for name in QUANTIZED:
-      if not isinstance(layer[name], QArray):
+    for name in QUANTIZED:  # a routed-experts layer has no gate/up/down (they stay float)
+      if name in layer and not isinstance(layer[name], QArray):
         layer[name] = quantize_weight(layer[name], mode, block)
     out["layers"].append(layer)
   return out

@@ -334,3 +334,9 @@ def test_allowed_token_ids_restrict_sampling_per_row(engine):
   assert outs[2].token_ids == [9] * 8
   # A row without a mask is not affected by its neighbours' masks.
   assert outs[1].token_ids == engine.generate([prompts[1]], sp[1])[0].token_ids
+
+
+def test_default_step_variants_are_the_readmes_21():
+  cfg = EngineConfig()
+  assert cfg.decode_buckets == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+  assert len(cfg.step_shapes()) == cfg.max_step_variants() == 21

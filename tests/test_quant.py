@@ -63,6 +63,18 @@ def test_logit_error_within_bound(tiny, mode):
   assert 0 < err <= TINY_BOUNDS[mode], f"{mode}: relative logit error {err:.4f}"
 
 
+def test_routed_experts_model_quantizes_its_attention():
+  """A MoE layer has no gate/up/down: its attention projections are quantized,
+  the experts and router stay float, and the logits stay within int8's bound."""
+  config = models.get("tiny-moe")
+  model = transformer_lib.Transformer(config, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
+  q = _quantized(model, "int8")
+  assert isinstance(q.layers[0].q[...], quant.QArray)
+  assert not isinstance(q.layers[0].experts_gate[...], quant.QArray)
+  assert _rel(_logits(q, tokens), _logits(model, tokens)) <= TINY_BOUNDS["int8"]
+
+
 def test_w8a8_fp8_matmul_matches_weight_only():
   """The W8A8 route (activations quantized per token, fp8 x fp8 dot) that runs on
   fp8 hardware, forced here on CPU: close to the weight-only result."""

@@ -91,3 +91,12 @@ def test_draws_follow_the_distribution():
   freq = np.bincount(tokens, minlength=32) / rows
   assert freq[5:].sum() == 0  # never a token of probability 0
   np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
+def test_allowed_tokens_hold_for_a_vocabulary_of_one_mask_word():
+  vocab = 32  # the whole mask is one uint32 word per row
+  logits = jnp.asarray(np.arange(vocab, dtype=np.float32))[None].repeat(2, 0)
+  rows = [(sampling.SamplingParams(temperature=0, allowed_token_ids=[3, 5]), 0, 0, [], [], []),
+          (sampling.SamplingParams(temperature=0), 0, 0, [], [], [])]
+  tokens = np.asarray(jax.jit(sampling.sample)(logits, sampling.build_inputs(rows, 2, vocab)).tokens)
+  assert list(tokens) == [5, vocab - 1]
