@@ -28,12 +28,5 @@ def default_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_gguf):
   """transformers' own model for the same GGUF, in float32: the reference."""
-  import pathlib
-  import torch
-  import transformers
-  os.environ["HF_HUB_OFFLINE"] = "1"
-  path = pathlib.Path(smollm2_gguf)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  return model.eval(), tokenizer
+  from tests.hf_tiny import from_gguf
+  return from_gguf(smollm2_gguf)

@@ -1,12 +1,25 @@
-"""Helpers for tests over tiny random transformers models saved with save_pretrained."""
+"""Helpers for tests over transformers models: tiny random ones saved with
+save_pretrained, and a real GGUF loaded by transformers as the reference."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
+
+
+def from_gguf(gguf: str | pathlib.Path):
+  """transformers' own float32 model and tokenizer for a GGUF file (offline):
+  the reference the parity tests compare with."""
+  os.environ["HF_HUB_OFFLINE"] = "1"
+  path = pathlib.Path(gguf)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  return model.eval(), tokenizer
 
 
 def write_tokenizer(path: str | pathlib.Path, vocab_size: int) -> None:

@@ -2,16 +2,14 @@
 package) end to end: converted from the GGUF, served by the Engine, compared with
 transformers' own model for the same GGUF, greedy, plain and chat-templated."""
 
-import os
-import pathlib
 
 import pytest
 import torch
-import transformers
 
 from engine.engine import Engine, EngineConfig, SamplingParams
 from model import gemma3_270m, loading
 from model.tokenizer import GEMMA_CHAT_TEMPLATE
+from tests import hf_tiny
 
 PLAIN = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, there was a"]
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -37,12 +35,7 @@ def engine(gguf):
 
 @pytest.fixture(scope="module")
 def hf_gemma(gguf):
-  os.environ["HF_HUB_OFFLINE"] = "1"
-  path = pathlib.Path(gguf)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  return model.eval(), tokenizer
+  return hf_tiny.from_gguf(gguf)
 
 
 def test_config_is_gemma3(engine):
