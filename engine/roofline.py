@@ -183,8 +183,8 @@ def weight_bytes(c: ModelConfig, tokens: float | None = None) -> float:
   (the embedding table itself is only gathered from, a few rows per token).
   An MoE layer reads only the experts its `tokens` tokens are routed to (None:
   all of them, the worst case). A quantized model counts its stored dtypes: the
-  projections' int8 / int4 (half a byte) / fp8 values plus their float32 scales
-  (model/quant.py)."""
+  projections' int8 / int4 (half a byte) / fp8 values plus their scales and
+  block minimums (model/quant.py)."""
   if c.quantization:
     from model import quant
     layout = quant.stored_layout(c)

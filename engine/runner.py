@@ -284,13 +284,19 @@ class Runner:
     # sub-byte arrays (int4 weights) can be laid out packed or not, and the compiled
     # step must take them as they lie.
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.format)  # noqa: E731
-    compiled = self._jitted.lower(jax.tree.map(like, self.state), jax.tree.map(like, self.kv),
-                                  prev, spec).compile()
+    compile_now = lambda: self._jitted.lower(  # noqa: E731
+        jax.tree.map(like, self.state), jax.tree.map(like, self.kv), prev, spec).compile()
     if self._sub_byte:
       # An ahead-of-time executable insists on the packed layout of int4 weights,
-      # which arrays placed from the host do not have; jit's own dispatch adapts.
-      # The compile above still fills the persistent cache that jit then reads.
+      # which arrays placed from the host do not have; jit's own dispatch adapts
+      # (and compiles on the first call). Compiling ahead is then only worth it
+      # to fill a persistent cache that jit reads; without one it would compile
+      # every shape twice.
+      if jax.config.jax_compilation_cache_dir:
+        compile_now()
       compiled = self._jitted
+    else:
+      compiled = compile_now()
     with self._compile_lock:
       self._compiled.setdefault(key, compiled)
       self.compilations += 1

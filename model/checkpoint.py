@@ -390,6 +390,11 @@ def _check_layout(path: str, config: ModelConfig, stored: Mapping[str, Any],
             f"tensor {name}: {MANIFEST_FILE} says {entry['dtype']}{entry['shape']}, "
             f"stored {jnp.dtype(meta.dtype).name}{list(meta.shape)}")
   if problems:
+    if config.quantization and any(n.endswith((".minimum", ".zero_point"))
+                                   for n in missing + extra):
+      problems.append(f"the projections were stored in an earlier {config.quantization} "
+                      "layout (before affine blocks of 32 with a float minimum); convert "
+                      "the float weights again with --quantize")
     raise CheckpointError(
         f"checkpoint {path} does not match its config: " + "; ".join(problems))
 
@@ -455,7 +460,7 @@ def restore(path: str | os.PathLike, shardings: Shardings = None, dtype: Any = N
 
   layout = quant.stored_layout(config)
   names = list(layout)  # canonical order (quantized weights: .qvalue, .scale)
-  castable = [n for n in names if n in layout and not n.endswith((".qvalue", ".scale", ".zero_point"))]
+  castable = [n for n in names if n in layout and n.rpartition(".")[2] not in quant.STORED_FIELDS]
   target_dtype = None if dtype is None else jnp.dtype(dtype)
   read_dtype = {n: jnp.dtype(stored[n].dtype) for n in names}
   if target_dtype is not None and not verify:

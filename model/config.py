@@ -91,9 +91,8 @@ class ModelConfig:
   # projections are qwix QArrays of that kind (param_dtype covers the rest).
   quantization: str | None = None
   # Sub-channel block (input rows per scale) of the quantized projections; None:
-  # the mode's default (int8: 128, 64 or 32; int4: 32, 64 or 128; fp8: per output
-  # channel).
-  # Pre-quantized files set it (GGUF Q8_0/Q4_0: 32).
+  # the mode's default (int8, int4: affine blocks of 32; fp8: per output channel).
+  # Pre-quantized files set it (GGUF Q8_0/Q4_0/Q4_1: 32; HF fp8 weight_block_size).
   quantization_block: int | None = None
 
   def __post_init__(self):

@@ -3,31 +3,45 @@
 A quantized model keeps the canonical parameter tree (model/params.py) with one
 change: each per-layer projection (`q k v o gate up down`, all [in, out]) is a
 `qwix.QArray` instead of an array: `qvalue` [in, out] in the quantized dtype and
-`scale` (float32) with one entry per output channel and block of g input rows
-(int8, int4) or per output channel (fp8):
+`scale` with one entry per output channel and block of g input rows (int8, int4)
+or per output channel (fp8):
 
-  mode  qvalue         scale           use in a matmul (see `einsum`)
-  int8  int8           [in/g, out]     weight-only (dequantized into the einsum),
-                                       sub-channel blocks of g = 128 input rows
-                                       (64 or 32 when 128 does not divide:
-                                       SmolLM2's hidden size is 576)
-  int4  int4           [in/g, out]     the same, 4 bits, asymmetric (an int4
-                                       zero point per block too), g = 32
-  fp8   float8_e4m3fn  [1, out]        W8A8 where the device has fp8 matrix
-                                       units (compute capability >= 8.9: the
-                                       activations are quantized per token and
-                                       the matmul runs in fp8); weight-only
-                                       elsewhere
+  mode  qvalue         scale, minimum          use in a matmul (see `einsum`)
+  int8  int8           [in/32, out] float32    weight-only (dequantized into
+                                               the einsum), affine blocks of 32
+  int4  int4           [in/32, out] float16    the same, 4 bits (GGUF Q4_1's
+                                               layout: 5 bits a weight in all)
+  fp8   float8_e4m3fn  [1, out] float32        W8A8 where the device has fp8
+                       (no minimum)            matrix units (compute capability
+                                               >= 8.9: the activations are
+                                               quantized per token and the
+                                               matmul runs in fp8); weight-only
+                                               elsewhere
 
-Why int8 is sub-channel and not per output channel: on the default model
-(SmolLM2-135M, weights from its Q4_1 GGUF) per-channel int8 lost 0.0093 nats
-per token against float32 on benchmarks/data/alice.txt (512 tokens) and kept
-4 of 10 greedy 16-token continuations; blocks of 64 lost 0.0007 (13x less) and
-kept 8 of 10, for 6% more bytes (one float32 scale per 64 int8 values). fp8 keeps one scale
-per channel (its exponent handles the spread within a row: blocks of 32 only
-went from 0.0163 to 0.0141), as W8A8 wants. int4 is asymmetric with blocks of
-32 (like GGUF's Q4_1): symmetric blocks of 32 lost 0.254 nats/token on the same
-text, asymmetric 0.113 (blocks of 64: 0.165).
+int8 and int4 are affine with a float block minimum (`BlockQArray`): a block's
+lowest value is stored as it is and its range spans 2^bits levels,
+w = (qvalue - qmin) * scale + minimum, as GGUF's Q4_1 does. Qwix's own
+asymmetric arrays have an integer zero point, which cannot hold a float minimum
+(it is rounded to the grid), so the minimum is a field of our own and its
+contribution to a matmul, the block sums of the activations times the per-block
+offsets, is a second matmul 1/32 the size of the first (`einsum`).
+
+Why affine blocks of 32, measured on the default model (SmolLM2-135M, weights
+from its Q4_1 GGUF, so each block of 32 inputs holds at most 16 distinct values
+on a grid of its own): symmetric int8 in blocks of 128/64 (the previous layout)
+kept 9 of 20 greedy 32-token continuations identical to float32, per-channel int8
+4 of 10 16-token ones, and a simulation of symmetric blocks of 64 at 10 and 12 bits
+kept 17 and 19 of 20, so agreement on this model needs ~12-bit accuracy
+(docs/quantization.md). Affine blocks of 32 aligned with the file's blocks hold
+its grid exactly in 4 bits and to ~4e-8 of the largest weight in 8 bits: 20 of
+20. On weights without such a grid (random Gaussian, tests/test_quant.py) the
+affine blocks of 32 err less than symmetric blocks of 64 as well (0.46% rms
+against 0.59% for int8: a smaller block, and 2^bits levels over [min, max]
+instead of 2^bits - 1 over [-absmax, absmax]), for 0.19-0.22 more bytes a
+weight than symmetric int8 blocks of 64-128 (int4: 0.625 bytes, less than the
+0.64 of int4 with an integer zero point and a float32 scale). fp8
+keeps one scale per channel (its exponent handles the spread within a row:
+blocks of 32 only went from 0.0163 to 0.0141 nats/token), as W8A8 wants.
 
 The embedding table, the LM head, norms and biases stay in float: every
 weight-only recipe we know of (vLLM fp8, llm-compressor, AWQ/GPTQ exports)
@@ -35,7 +49,8 @@ leaves them so, because the LM head is the most sensitive matmul and the
 embedding is a gather, not a matmul. The config records the mode
 (`ModelConfig.quantization`), so a checkpoint knows its layout.
 
-Qwix provides the arrays (`qwix.quantize`, `QArray`), the dequantization and the
+Qwix provides the arrays (`qwix.quantize`, `QArray`), the rounding (minmax
+calibration of each block, shifted to start at zero), the dequantization and the
 quantized einsum (`qwix.einsum`: for a float activation against a QArray it
 dequantizes the weight into the matmul, which XLA fuses; for two QArrays it runs
 `dot_general` in the quantized dtype and applies both scales to the output).
@@ -46,10 +61,11 @@ Where Qwix falls short here, and what this module does instead:
     converters and sharding rules all name tensor by tensor, so the weights are
     quantized here explicitly with `qwix.quantize` and used through
     `qwix.einsum` at the model's weight-use points.
+  - An integer zero point only (above): the float minimum is `BlockQArray`'s.
   - No knowledge of pre-quantized foreign layouts: an HF fp8 checkpoint's
     `weight_scale` (per tensor or per channel) is turned into a QArray here
-    (`from_prequantized`); GGUF's Q8_0 blocks of 32 along the input are a
-    sub-channel layout Qwix can represent (scale [in/32, out]).
+    (`from_prequantized`); GGUF's Q8_0, Q4_0 and Q4_1 blocks of 32 along the
+    input are `BlockQArray`s exactly (model/convert/gguf.py).
   - Sub-channel blocks smaller than 128 along the contraction make qwix dequantize
     the weight before the matmul (its MIN_TILE_SIZE_TO_DEQUANT_ON_OUTPUT), which is
     what a weight-only matmul does anyway.
@@ -61,22 +77,44 @@ import functools
 import math
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MODES = ("int8", "int4", "fp8")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
 # Per-layer [in, out] projections that get quantized.
 QUANTIZED = ("q", "k", "v", "o", "gate", "up", "down")
-SUB_CHANNEL_BLOCKS = (128, 64, 32)  # preferred sub-channel block sizes along `in`
-INT4_BLOCKS = (32, 64, 128)
-SCALE_DTYPE = jnp.float32
-STORED_FIELDS = ("qvalue", "scale", "zero_point")
+BLOCK = 32  # int8/int4 inputs per block (GGUF's block size)
+# The dtype of the scales (and int8/int4 block minimums) as stored and used.
+SCALE_DTYPES = {"int8": jnp.float32, "int4": jnp.float16, "fp8": jnp.float32}
+STORED_FIELDS = ("qvalue", "scale", "minimum")
 
 QArray = qwix.QArray
+
+
+@flax.struct.dataclass
+class BlockQArray(QArray):
+  """An affine int8/int4 weight: a QArray (`qvalue`, per-block `scale`, no zero
+  point) plus each block's float `minimum` [in/g, out]:
+  w = (qvalue - qmin) * scale + minimum, qmin the qtype's lowest integer."""
+  minimum: jax.Array | None = None
+
+  def offset(self, dtype=jnp.float32) -> jax.Array:
+    """What a zero `qvalue` stands for in each block: minimum - qmin * scale."""
+    qmin = float(jnp.iinfo(self.qtype).min)
+    return self.minimum.astype(dtype) - qmin * self.scale.astype(dtype)
+
+  def base(self) -> QArray:
+    """The symmetric part qvalue * scale, as a plain QArray (what qwix multiplies)."""
+    return QArray(self.qvalue, self.scale, None, self.qtype)
+
+
+nnx.register_data_type(BlockQArray)
 
 
 def check_mode(mode: str | None, what: str = "quantize") -> str | None:
@@ -95,12 +133,10 @@ def is_quantized_name(name: str) -> bool:
   return len(parts) == 3 and parts[0] == "layers" and parts[2] in QUANTIZED
 
 
-def sub_channel_block(in_dim: int, blocks=None) -> int:
-  for g in blocks or SUB_CHANNEL_BLOCKS:
-    if in_dim % g == 0:
-      return g
-  raise ValueError(f"int8/int4 need an input size divisible by one of {SUB_CHANNEL_BLOCKS}, "
-                   f"got {in_dim}")
+def sub_channel_block(in_dim: int) -> int:
+  if in_dim % BLOCK:
+    raise ValueError(f"int8/int4 need input sizes divisible by {BLOCK}, got {in_dim}")
+  return BLOCK
 
 
 def block_size(mode: str, d_in: int, block: int | None = None) -> int | None:
@@ -109,9 +145,7 @@ def block_size(mode: str, d_in: int, block: int | None = None) -> int | None:
     if d_in % block:
       raise ValueError(f"quantization block {block} does not divide the input size {d_in}")
     return block
-  if mode == "int4":
-    return sub_channel_block(d_in, INT4_BLOCKS)
-  return sub_channel_block(d_in) if mode == "int8" else None
+  return None if mode == "fp8" else sub_channel_block(d_in)
 
 
 def scale_shape(mode: str, shape: tuple[int, int], block: int | None = None) -> tuple[int, int]:
@@ -129,7 +163,8 @@ def stored_dtype(mode: str) -> np.dtype:
 
 
 def quantize_weight(w: Any, mode: str, block: int | None = None) -> QArray:
-  """One [in, out] weight (numpy or jax) as a QArray, computed where `w` lives."""
+  """One [in, out] weight (numpy or jax) as a QArray (int8/int4: a BlockQArray),
+  computed where `w` lives."""
   w = jnp.asarray(w)
   if w.ndim != 2:
     raise ValueError(f"can only quantize [in, out] weights, got shape {w.shape}")
@@ -138,15 +173,24 @@ def quantize_weight(w: Any, mode: str, block: int | None = None) -> QArray:
 
 @functools.lru_cache(maxsize=None)
 def _quantize_fn(mode: str, block: int | None, out_shardings):
+  scale_dtype = SCALE_DTYPES[mode]
+
   def fn(w):
     w32 = w.astype(jnp.float32)
     g = block_size(mode, w.shape[0], block)
-    tiled = None if g is None else {0: g}
-    # int4 is asymmetric (an int4 zero point per block, qwix's minmax
-    # calibration): see the module docstring for the measurement.
-    method = "minmax" if mode == "int4" else "absmax"
-    return qwix.quantize(w32, QTYPES[mode], channelwise_axes=[1], tiled_axes=tiled,
-                         calibration_method=method, scale_dtype=SCALE_DTYPE)
+    if g is None:  # fp8: one scale per output channel
+      return qwix.quantize(w32, QTYPES[mode], channelwise_axes=[1],
+                           scale_dtype=scale_dtype)
+    # Affine blocks: each block shifted to start at zero (its minimum, rounded
+    # to the stored dtype, is what is subtracted), then qwix's minmax rounding,
+    # whose zero point is then qmin everywhere and is folded away.
+    d_in, d_out = w.shape
+    minimum = w32.reshape(d_in // g, g, d_out).min(axis=1).astype(scale_dtype)
+    shifted = w32 - jnp.repeat(minimum.astype(jnp.float32), g, axis=0)
+    q = qwix.quantize(jnp.maximum(shifted, 0.0), QTYPES[mode], channelwise_axes=[1],
+                      tiled_axes={0: g}, calibration_method="minmax")
+    return BlockQArray(qvalue=q.qvalue, scale=q.scale.astype(scale_dtype), qtype=q.qtype,
+                       minimum=minimum)
   return jax.jit(fn, out_shardings=out_shardings)
 
 
@@ -155,7 +199,9 @@ def _out_sharding(w: jax.Array, mode: str, block: int | None = None):
   if not isinstance(sharding, NamedSharding):
     return None
   scale = leaf_sharding(sharding, scale_shape(mode, w.shape, block))
-  return QArray(sharding, scale, scale if mode == "int4" else None, QTYPES[mode])
+  if mode == "fp8":
+    return QArray(sharding, scale, None, QTYPES[mode])
+  return BlockQArray(qvalue=sharding, scale=scale, qtype=QTYPES[mode], minimum=scale)
 
 
 def quantize_params(params: dict, mode: str, block: int | None = None) -> dict:
@@ -177,13 +223,15 @@ def quantize_params(params: dict, mode: str, block: int | None = None) -> dict:
 
 
 def from_prequantized(qvalue: np.ndarray, scale: np.ndarray,
-                      zero_point: np.ndarray | None = None) -> QArray:
+                      minimum: np.ndarray | None = None) -> QArray:
   """A QArray from a pre-quantized [in, out] weight and its scale: a scalar or
-  [1] (per tensor), [out] (per output channel), or already 2-d [in/g, out]."""
-  scale = np.asarray(scale, np.float32)
+  [1] (per tensor), [out] (per output channel), or already 2-d [in/g, out]; with
+  a block `minimum` shaped like the 2-d scale, a BlockQArray (int8/int4)."""
+  # fp8 scales are float32; a BlockQArray's keep the dtype given (SCALE_DTYPES)
+  scale = np.asarray(scale, None if minimum is not None else np.float32)
   d_in, d_out = qvalue.shape
   if scale.size == 1:
-    scale = np.full((1, d_out), scale.reshape(()), np.float32)
+    scale = np.full((1, d_out), scale.reshape(()), scale.dtype)
   elif scale.ndim == 1 and scale.shape[0] == d_out:
     scale = scale[None, :]
   elif scale.ndim == 2 and scale.shape[1] == d_out and d_in % scale.shape[0] == 0:
@@ -191,13 +239,23 @@ def from_prequantized(qvalue: np.ndarray, scale: np.ndarray,
   else:
     raise ValueError(f"scale of shape {scale.shape} does not fit a weight of shape "
                      f"[in={d_in}, out={d_out}]")
-  return QArray(qvalue, np.ascontiguousarray(scale), zero_point, qvalue.dtype)
+  scale = np.ascontiguousarray(scale)
+  if minimum is None:
+    return QArray(qvalue, scale, None, qvalue.dtype)
+  if np.shape(minimum) != scale.shape:
+    raise ValueError(f"block minimum of shape {np.shape(minimum)} does not match the "
+                     f"scale's {scale.shape}")
+  return BlockQArray(qvalue=qvalue, scale=scale, qtype=qvalue.dtype,
+                     minimum=np.ascontiguousarray(minimum, scale.dtype))
 
 
 def dequantize(w: QArray, dtype=jnp.float32) -> jax.Array:
-  zp = None if w.zero_point is None else jnp.asarray(w.zero_point)
-  return qwix.dequantize(QArray(jnp.asarray(w.qvalue), jnp.asarray(w.scale, dtype),
-                                zp, w.qtype))
+  base = QArray(jnp.asarray(w.qvalue), jnp.asarray(w.scale, dtype), None, w.qtype)
+  out = qwix.dequantize(base)
+  if isinstance(w, BlockQArray):
+    g = w.shape[0] // w.minimum.shape[0]
+    out = out + jnp.repeat(w.offset(dtype), g, axis=0)
+  return out
 
 
 # Using a weight -----------------------------------------------------------------
@@ -223,10 +281,17 @@ def einsum(spec: str, x: jax.Array, w: Any, dtype, *, w8a8: bool | None = None) 
   `w` a plain array: jnp.einsum after a cast to `dtype`. `w` a QArray: qwix's
   einsum. For fp8 weights on a device with fp8 matrix units (or `w8a8=True`),
   the activations are quantized to e4m3 with one scale per token (dynamic,
-  absmax) and the matmul runs in fp8 with float32 accumulation.
+  absmax) and the matmul runs in fp8 with float32 accumulation. A BlockQArray
+  (int8/int4) adds its offsets: x @ w = qwix.einsum(x, qvalue * scale) +
+  (x summed over each block of g inputs) @ offset.
   """
   if not isinstance(w, QArray):
     return jnp.einsum(spec, x, w.astype(dtype))
+  if isinstance(w, BlockQArray):
+    g = w.shape[0] // w.minimum.shape[0]
+    sums = x.reshape(*x.shape[:-1], x.shape[-1] // g, g).sum(-1, dtype=jnp.float32)
+    return (qwix.einsum(spec, x, w.base().astype(dtype))
+            + jnp.einsum(spec, sums.astype(dtype), w.offset(dtype)))
   if w8a8 is None:
     w8a8 = w.qtype == jnp.float8_e4m3fn and fp8_matrix_units()
   if w8a8:
@@ -241,7 +306,7 @@ def einsum(spec: str, x: jax.Array, w: Any, dtype, *, w8a8: bool | None = None) 
 
 
 def leaf_sharding(sharding: jax.sharding.Sharding, shape) -> jax.sharding.Sharding:
-  """The sharding of a QArray field (qvalue or scale) of a weight sharded as
+  """The sharding of a QArray field (qvalue, scale, minimum) of a weight sharded as
   `sharding`: the same spec, with the dimensions that do not divide their mesh
   axis (the scale's size-1 or short block axis) replicated."""
   if not isinstance(sharding, NamedSharding):
@@ -261,7 +326,8 @@ def leaf_sharding(sharding: jax.sharding.Sharding, shape) -> jax.sharding.Shardi
 
 def stored_layout(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{stored name: (shape, dtype)} of a checkpoint of `config`: a quantized
-  weight "layers.0.q" is stored as "layers.0.q.qvalue" and "layers.0.q.scale"."""
+  weight "layers.0.q" is stored as "layers.0.q.qvalue", "layers.0.q.scale" and
+  (int8, int4) "layers.0.q.minimum"."""
   from model import params as params_lib
   shapes = params_lib.flatten(params_lib.param_shapes(config))
   mode = getattr(config, "quantization", None)
@@ -270,20 +336,20 @@ def stored_layout(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     if mode and is_quantized_name(name):
       out[name + ".qvalue"] = (tuple(shape), stored_dtype(mode))
       sshape = scale_shape(mode, tuple(shape), config.quantization_block)
-      out[name + ".scale"] = (sshape, jnp.dtype(SCALE_DTYPE))
-      if mode == "int4":
-        out[name + ".zero_point"] = (sshape, stored_dtype(mode))
+      out[name + ".scale"] = (sshape, jnp.dtype(SCALE_DTYPES[mode]))
+      if mode != "fp8":
+        out[name + ".minimum"] = (sshape, jnp.dtype(SCALE_DTYPES[mode]))
     else:
       out[name] = (tuple(shape), jnp.dtype(config.param_dtype))
   return out
 
 
 def to_storage(tree: Any) -> Any:
-  """QArray leaves -> {"qvalue", "scale"} dicts (what orbax writes)."""
+  """QArray leaves -> {"qvalue", "scale"[, "minimum"]} dicts (what orbax writes)."""
   if isinstance(tree, QArray):
     out = {"qvalue": tree.qvalue, "scale": tree.scale}
-    if tree.zero_point is not None:
-      out["zero_point"] = tree.zero_point
+    if isinstance(tree, BlockQArray):
+      out["minimum"] = tree.minimum
     return out
   if isinstance(tree, dict):
     return {k: to_storage(v) for k, v in tree.items()}
@@ -303,8 +369,11 @@ def from_storage(flat: dict[str, Any], config) -> dict[str, Any]:
     out[name] = value
   if mode:
     for name in [n[:-len(".qvalue")] for n in flat if n.endswith(".qvalue")]:
-      out[name] = QArray(flat[name + ".qvalue"], flat[name + ".scale"],
-                         flat.get(name + ".zero_point"), QTYPES[mode])
+      if name + ".minimum" in flat:
+        out[name] = BlockQArray(qvalue=flat[name + ".qvalue"], scale=flat[name + ".scale"],
+                                qtype=QTYPES[mode], minimum=flat[name + ".minimum"])
+      else:
+        out[name] = QArray(flat[name + ".qvalue"], flat[name + ".scale"], None, QTYPES[mode])
   return out
 
 
@@ -324,10 +393,7 @@ def tree_shardings(params: Any, shardings: Any) -> Any:
   """A shardings tree shaped like `params` (QArray leaves get a QArray of
   shardings), for jax.tree.map over both (e.g. `sharding.place`)."""
   if isinstance(params, QArray):
-    zp = (None if params.zero_point is None
-          else leaf_sharding(shardings, params.zero_point.shape))
-    return QArray(leaf_sharding(shardings, params.qvalue.shape),
-                  leaf_sharding(shardings, params.scale.shape), zp, params.qtype)
+    return jax.tree.map(lambda leaf: leaf_sharding(shardings, leaf.shape), params)
   if isinstance(params, dict):
     return {k: tree_shardings(v, shardings[k]) for k, v in params.items()}
   if isinstance(params, list):

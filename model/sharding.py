@@ -313,6 +313,7 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
   """Shardings for an `nnx.split` state of the Transformer, from a canonical tree
   of shardings (`param_shardings`): each parameter by its name ("layers.3.q"),
   anything else (the RoPE table) replicated on the same devices."""
+  from model import quant  # (imports this module)
   flat = params_lib.flatten(shardings)
   first = next(iter(flat.values()))
   rest = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
@@ -321,10 +322,9 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
     name = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
                     if getattr(k, "name", None) != "value")
     base, _, field = name.rpartition(".")
-    if name not in flat and field in ("qvalue", "scale", "zero_point") and base in flat:
+    if name not in flat and field in quant.STORED_FIELDS and base in flat:
       # A field of a quantized weight (a qwix QArray, model/quant.py): sharded
       # like the weight where its shape divides.
-      from model import quant
       return quant.leaf_sharding(flat[base], leaf.shape)
     return flat.get(name, rest)
 
@@ -482,9 +482,8 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
     raise ValueError(f"memory_report needs concrete mesh sizes, got {shape}")
   p = plan(config, shape, rules)
   specs = params_lib.flatten(p.param_specs(config))
-  shapes = params_lib.flatten(params_lib.param_shapes(config))
   # Bytes from the stored dtypes: a quantized projection (model/quant.py) is its
-  # int8/int4/fp8 values plus float32 scales (sharded like its output axis).
+  # int8/int4/fp8 values plus its scales and block minimums (sharded like it).
   from model import quant
   layout = quant.stored_layout(config)
   total = sum(quant.nbytes(s, d) for s, d in layout.values())

@@ -133,6 +133,9 @@ class Block(nnx.Module):
       k = rms_norm(k, self.k_norm[...], eps, offset)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    rot = kv_quant.rotation(kv[0], cfg.head_dim)  # an int8 cache holds rotated heads
+    if rot is not None:
+      q, k, v = (kv_quant.rotate(t, rot) for t in (q, k, v))
 
     k_pages, v_pages = attention.write_kv(kv[0], kv[1], k, v, slots)
     # On a mesh the updated pools keep the pools' sharding; left free, the
@@ -144,6 +147,8 @@ class Block(nnx.Module):
                             impl=attention_impl, window=self.window,
                             softcap=cfg.attn_softcap,
                             scale=cfg.attention_scale)  # [N, H, Dh]
+    if rot is not None:
+      attn = kv_quant.rotate(attn, rot)
     attn = attn.reshape(n, cfg.num_heads * cfg.head_dim)
     h = _matmul("nh,hd->nd", attn, self.o[...], dtype)
     if cfg.sandwich_norms:
@@ -271,11 +276,8 @@ def _owner(model: Transformer, name: str):
 
 
 def _as_array(value, dtype) -> jax.Array:
-  if isinstance(value, quant.QArray):  # a quantized projection: kept as it is
-    zp = value.zero_point
-    return quant.QArray(_as_array(value.qvalue, value.qvalue.dtype),
-                        _as_array(value.scale, value.scale.dtype),
-                        None if zp is None else _as_array(zp, zp.dtype), value.qtype)
+  if isinstance(value, quant.QArray):  # a quantized projection: each field as it is
+    return jax.tree.map(lambda leaf: _as_array(leaf, leaf.dtype), value)
   if isinstance(value, jax.Array):
     return value if value.dtype == dtype else value.astype(dtype)
   return jnp.asarray(np.asarray(value), dtype=dtype)

@@ -1,6 +1,10 @@
 """Quantization on the default model (SmolLM2-135M-Instruct): logit error bounds,
-int8 greedy agreement, and the 8-bit KV caches. Small on purpose (10 prompts x 16
-tokens); scripts/quant_bench.py runs the full 20 x 32 and perplexity."""
+int8 and int4 greedy agreement, and the 8-bit KV caches. Small on purpose (10
+prompts x 16 tokens); scripts/quant_bench.py runs the full 20 x 32 and perplexity.
+
+The model's float weights are its Q4_1 GGUF dequantized: every block of 32 inputs
+lies on a 16-value grid, which the affine int8/int4 blocks (model/quant.py) hold
+exactly (int4) or to float32 rounding (int8); fp8's per-channel e4m3 does not."""
 
 import dataclasses
 
@@ -13,9 +17,10 @@ from model import transformer as transformer_lib
 PROMPTS = list(quant_eval.PROMPTS[:10])
 TOKENS = 16
 # Max |logits - float32 logits| / max |float32 logits| over the 10 prompts.
-# Measured on this model: int8 0.038, fp8 0.14, int4 0.68 (docs/quantization.md);
-# the bounds leave ~1.5x headroom.
-DEFAULT_BOUNDS = {"int8": 0.06, "fp8": 0.25, "int4": 1.0}
+# Measured on this model: int8 4e-6, int4 4e-6 (float32 rounding: the matmul is
+# split into an integer part and a block-offset part), fp8 0.13
+# (docs/quantization.md); the bounds leave headroom.
+DEFAULT_BOUNDS = {"int8": 1e-4, "int4": 1e-4, "fp8": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +42,16 @@ def test_logit_error_bounds_each_mode(setup):
             for m in quant.MODES}
   for mode, err in errors.items():
     assert 0 < err <= DEFAULT_BOUNDS[mode], errors
-  assert errors["int8"] < errors["fp8"] < errors["int4"], errors
 
 
 def test_int8_greedy_agreement_and_logprob_gap(setup):
+  """The issue's targets: >= 90% identical greedy continuations, a mean log-prob
+  gap under 0.05 nats a token (measured: 20 of 20 32-token continuations, gap
+  2e-7; int4 the same, bounded here by its logit error above)."""
   model, tokenizer, ref, params = setup
   q = _quantized(model, params, "int8")
   out = quant_eval.greedy(q, tokenizer, PROMPTS, TOKENS)
-  agreement = quant_eval.agreement(ref, out)
-  # The issue asks for 90%; this model reaches 8 of 10 identical 16-token
-  # continuations (45% of 20 x 32 in the benchmark) while the mean log-prob gap is
-  # 0.005 nats/token: one flipped near-tie anywhere fails a whole continuation.
-  # See docs/quantization.md. The bound is the measured level less one prompt.
-  assert agreement >= 0.7, agreement
+  assert quant_eval.agreement(ref, out) >= 0.9
   ids = [tokenizer.encode(p) for p in PROMPTS]
   gap = quant_eval.logprob_gap(model, q, ids, ref)
   assert abs(gap) < 0.05, gap

@@ -118,11 +118,11 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None,
       `gguf` package cannot dequantize. Messages name the file and the tensors.
 
   `keep_quantized`: "int8" or "int4". When every projection of the file is Q8_0
-  (for int8) or Q4_0 (for int4), the projections are returned as qwix QArrays
-  holding the file's own values and block scales (blocks of 32 inputs, exact: no
-  float round trip) and the config says so. Other block formats (Q4_1, Q5_*, the
-  K-quants) carry a per-block minimum, an offset that a QArray's integer zero
-  point cannot represent, or nested scales; they are dequantized as without it.
+  (for int8) or Q4_0 / Q4_1 (for int4), the projections are returned as
+  `quant.BlockQArray`s holding the file's own values, block scales and minimums
+  (blocks of 32 inputs, exact: no float round trip) and the config says so.
+  Other formats (Q5_*, the K-quants with their nested scales) are dequantized
+  as without it (and quantized afterwards if the caller asks).
   """
   path = os.fspath(path)
   reader = open_gguf(path)
@@ -137,14 +137,14 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None,
   np_dtype = np.dtype(jnp.dtype(dtype))
   keep = _GGUF_BLOCKS.get(keep_quantized)
   if keep is not None and not all(
-      gguf.GGMLQuantizationType(tensors[g].tensor_type) == keep
+      gguf.GGMLQuantizationType(tensors[g].tensor_type) in keep
       for n, g in names.items() if quant.is_quantized_name(n)):
     keep = None
   flat: dict[str, np.ndarray] = {}
   for name, gguf_name in names.items():
     tensor = tensors[gguf_name]
     if keep is not None and quant.is_quantized_name(name):
-      flat[name] = _blocks_as_qarray(tensor, keep, arch, config, name)
+      flat[name] = _blocks_as_qarray(tensor, arch, config, name)
       continue
     w = _dequantize(tensor, path)  # float32; [out, in] for projections
     leaf = name.rsplit(".", 1)[-1]
@@ -488,37 +488,43 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
   return w
 
 
-_GGUF_BLOCKS = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0}
+_Q = gguf.GGMLQuantizationType
+_GGUF_BLOCKS = {"int8": (_Q.Q8_0,), "int4": (_Q.Q4_0, _Q.Q4_1)}
 
 
-def _blocks_as_qarray(tensor: Any, qtype, arch: str, config: ModelConfig, name: str):
-  """A Q8_0 or Q4_0 projection as a QArray [in, out] with scales [in/32, out].
+def _blocks_as_qarray(tensor: Any, arch: str, config: ModelConfig, name: str):
+  """A Q8_0, Q4_0 or Q4_1 projection as a BlockQArray [in, out] with scales and
+  minimums [in/32, out]: w = (qvalue - qmin) * scale + minimum.
 
-  Q8_0 block (34 bytes): float16 d, 32 int8 q; w = d * q.
+  Q8_0 block (34 bytes): float16 d, 32 int8 q; w = d * q (minimum -128 d).
   Q4_0 block (18 bytes): float16 d, 16 bytes of nibbles (low nibbles are
-  elements 0-15, high 16-31); w = d * (nibble - 8), i.e. int4 values in [-8, 7].
+  elements 0-15, high 16-31); w = d * (nibble - 8) (minimum -8 d).
+  Q4_1 block (20 bytes): float16 d, float16 m, the nibbles; w = d * nibble + m.
+  The int4 values are nibble - 8.
   """
+  qtype = _Q(tensor.tensor_type)
   rows, row_bytes = tensor.data.shape  # [out, in bytes]
-  block_bytes = 34 if qtype == gguf.GGMLQuantizationType.Q8_0 else 18
+  block_bytes = {_Q.Q8_0: 34, _Q.Q4_0: 18, _Q.Q4_1: 20}[qtype]
   blocks = np.asarray(tensor.data).reshape(rows, row_bytes // block_bytes, block_bytes)
-  d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, in/32]
-  if qtype == gguf.GGMLQuantizationType.Q8_0:
+  d = blocks[..., :2].copy().view(np.float16)[..., 0]  # [out, in/32]
+  if qtype == _Q.Q8_0:
     q = blocks[..., 2:].copy().view(np.int8)  # [out, in/32, 32]
-    dtype = np.int8
+    minimum, dtype = d.astype(np.float32) * -128, np.int8
   else:
-    nibbles = blocks[..., 2:]
+    nibbles = blocks[..., 4 if qtype == _Q.Q4_1 else 2:]
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.int8) - 8
-    dtype = jnp.int4
+    minimum, dtype = d * np.float16(-8), jnp.int4
+    if qtype == _Q.Q4_1:
+      minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+  scale_dtype = quant.SCALE_DTYPES["int8" if dtype == np.int8 else "int4"]
   q = q.reshape(rows, -1)  # [out, in]
   leaf = name.rsplit(".", 1)[-1]
   if arch in _PERMUTED_QK_ARCHITECTURES and leaf in ("q", "k"):
     heads = config.num_heads if leaf == "q" else config.num_kv_heads
-    q, d = _unpermute_rope_rows(q, heads), _unpermute_rope_rows(d, heads)
-  # Q4_0 is symmetric: a zero zero-point keeps one int4 layout (asymmetric) for
-  # every int4 model.
-  zero = None if dtype == np.int8 else np.zeros(d.T.shape, jnp.int4)
+    q, d, minimum = (_unpermute_rope_rows(a, heads) for a in (q, d, minimum))
   return quant.from_prequantized(np.ascontiguousarray(q.T).astype(dtype),
-                                 np.ascontiguousarray(d.T), zero)
+                                 np.ascontiguousarray(d.T).astype(scale_dtype),
+                                 np.ascontiguousarray(minimum.T).astype(scale_dtype))
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
