@@ -41,6 +41,9 @@ flags.DEFINE_string("out", None, "Write the results here as JSON.")
 flags.DEFINE_list("modes", ["int8", "int4", "fp8"], "Weight modes to measure.")
 flags.DEFINE_list("kv_dtypes", ["int8", "fp8"], "KV cache dtypes to measure (empty: none).")
 flags.DEFINE_bool("speed", True, "Measure batch-1 decode speed.")
+flags.DEFINE_list("simulated_bits", [], "Also round the projections to symmetric blocks of "
+                  "64 at these bit widths (kept float) and report greedy agreement: how "
+                  "much accuracy agreement needs on this model.")
 FLAGS = flags.FLAGS
 
 
@@ -66,27 +69,41 @@ def _decode_tok_s(model, tokenizer, n: int) -> float:
   return n / (long - short)
 
 
-def _transformers_tok_s(n: int) -> float:
-  import torch
-  import transformers
-  from model import default_model
-  os.environ["HF_HUB_OFFLINE"] = "1"
-  path = default_model.gguf_path()
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  ids = tok("Tell me a story about a lighthouse keeper.", return_tensors="pt").input_ids
+def _transformers_tok_s(tokenizer, n: int) -> float:
+  """transformers' batch-1 decode tokens/s on the same GGUF, in its worker process
+  (engine/bench/peer.py: in one process the two CPU thread pools compete)."""
+  import numpy as np
+  from engine.bench.peer import HFPeer, checkpoint_for_peer
+  peer = HFPeer(checkpoint_for_peer(FLAGS.checkpoint), threads=os.cpu_count() or 1, repeats=2)
+  try:
+    ids = tokenizer.encode("Tell me a story about a lighthouse keeper.")
+    return 1.0 / float(np.min(peer.decode_per_token([ids], n)))
+  finally:
+    peer.close()
 
-  def run(tokens):
-    t0 = time.perf_counter()
-    with torch.no_grad():
-      model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return time.perf_counter() - t0
 
-  run(2)
-  long = min(run(n + 1) for _ in range(2))
-  short = min(run(1) for _ in range(2))
-  return n / (long - short)
+def _symmetric_blocks(w, bits: int, block: int = 64):
+  """`w` [in, out] rounded to `bits`-bit symmetric absmax blocks of `block` inputs
+  (the rounding only: the result is float)."""
+  import numpy as np
+  w = np.asarray(w, np.float32)
+  blocks = w.reshape(w.shape[0] // block, block, w.shape[1])
+  scale = np.abs(blocks).max(axis=1, keepdims=True) / (2 ** (bits - 1) - 1)
+  scale[scale == 0] = 1
+  return (np.round(blocks / scale) * scale).reshape(w.shape)
+
+
+def _gaussian_errors() -> dict:
+  """rms relative weight error on Gaussian [1536, 576] weights (no grid): the
+  affine blocks against symmetric blocks of the same bits."""
+  import numpy as np
+  from model import quant
+  w = np.random.default_rng(0).standard_normal((1536, 576)).astype(np.float32)
+  rms = lambda a: float(np.sqrt(np.mean((a - w) ** 2) / np.mean(w ** 2)))
+  out = {m: rms(np.asarray(quant.dequantize(quant.quantize_weight(w, m)))) for m in quant.MODES}
+  out["int8_symmetric_blocks_of_64"] = rms(_symmetric_blocks(w, 8, 64))
+  out["int4_symmetric_blocks_of_32"] = rms(_symmetric_blocks(w, 4, 32))
+  return out
 
 
 def _hlo_evidence() -> dict:
@@ -123,7 +140,6 @@ def _hlo_evidence() -> dict:
 def main(argv):
   del argv
   import jax
-  import numpy as np
   from engine import quant_eval
   from model import quant, sharding
   from model import transformer as transformer_lib
@@ -160,6 +176,19 @@ def main(argv):
     print(rows[-1], flush=True)
     del qmodel
   results["weights"] = rows
+  results["gaussian_weight_rms_error"] = _gaussian_errors()
+  print(results["gaussian_weight_rms_error"], flush=True)
+
+  simulated = []
+  for bits in map(int, FLAGS.simulated_bits):
+    params = dict(float_params, layers=[
+        {n: (_symmetric_blocks(v, bits) if n in quant.QUANTIZED else v) for n, v in layer.items()}
+        for layer in float_params["layers"]])
+    out = quant_eval.greedy(transformer_lib.from_params(model.config, params), tokenizer,
+                            prompts, FLAGS.max_tokens)
+    simulated.append({"bits": bits, "agreement": quant_eval.agreement(ref, out)})
+    print(simulated[-1], flush=True)
+  results["simulated_symmetric_blocks_of_64"] = simulated
 
   kv_rows = []
   for kv in FLAGS.kv_dtypes:
@@ -186,7 +215,7 @@ def main(argv):
     speed["int8"] = _decode_tok_s(int8, tokenizer, FLAGS.speed_tokens)
   print(speed, flush=True)
   if FLAGS.transformers:
-    speed["transformers_float32"] = _transformers_tok_s(FLAGS.speed_tokens)
+    speed["transformers_float32"] = _transformers_tok_s(tokenizer, FLAGS.speed_tokens)
     print(speed, flush=True)
   results["decode_tok_s_batch1"] = speed
   if FLAGS.hlo:
