@@ -58,7 +58,7 @@ class ServeBenchConfig:
   api_key: str | None = None
   seed: int = 0
   vocab_limit: int = 500  # prompt ids are drawn from [1, vocab_limit)
-  timeout_s: float = 300.0  # per rate
+  timeout_s: float = 300.0  # per request (one slower counts as failed)
   # Before the rates, untimed bursts of 1, 2, 4, ... up to this many requests: they
   # compile the step shapes (batch buckets) the rates will meet, which would
   # otherwise land in their figures (measured on the tiny model: p50 TTFT 5.5 s at
@@ -76,7 +76,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def start_server(command: Sequence[str], port: int | None = None, timeout_s: float = 600.0,
                  log_path: str | None = None, env: dict | None = None) -> Iterator[str]:
-  """Runs `command --host 127.0.0.1 --port PORT` (scripts/serve.py and its flags) in a
+  """Runs `command --host 127.0.0.1 --port PORT` (the server and its flags) in a
   subprocess; yields its URL once /health says ready; stops it afterwards."""
   port = port or free_port()
   log = open(log_path, "wb") if log_path else subprocess.DEVNULL
@@ -119,10 +119,13 @@ class _Result:
   error: str | None = None
 
 
-async def _one(client: httpx.AsyncClient, body: dict, sent: float) -> _Result:
+async def _one(client: httpx.AsyncClient, body: dict, sent: float, timeout_s: float) -> _Result:
+  """One streaming request; one that takes over `timeout_s` in all counts as failed
+  (the others of its rate keep their results)."""
   r = _Result(sent=sent)
   try:
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
+    async with asyncio.timeout(timeout_s), client.stream(
+        "POST", "/v1/completions", json=body) as resp:
       r.status = resp.status_code
       if resp.status_code != 200:
         await resp.aread()
@@ -141,6 +144,8 @@ async def _one(client: httpx.AsyncClient, body: dict, sent: float) -> _Result:
           r.chunk_times.append(time.perf_counter())
   except httpx.HTTPError as e:
     r.error = f"{type(e).__name__}: {e}"
+  except TimeoutError:
+    r.error = f"timed out after {timeout_s} s"
   r.end = time.perf_counter()
   return r
 
@@ -175,8 +180,8 @@ async def _run_rate(cfg: ServeBenchConfig, model: str, rate: float, seed: int) -
       body = {"model": model, "prompt": prompt, "max_tokens": cfg.output_len,
               "temperature": 0, "ignore_eos": True, "stream": True,
               "stream_options": {"include_usage": True}}
-      tasks.append(asyncio.create_task(_one(client, body, time.perf_counter())))
-    results = await asyncio.wait_for(asyncio.gather(*tasks), cfg.timeout_s)
+      tasks.append(asyncio.create_task(_one(client, body, time.perf_counter(), cfg.timeout_s)))
+    results = await asyncio.gather(*tasks)
   ok = [r for r in results if r.status == 200 and r.error is None and r.chunk_times]
   wall = max(r.end for r in results) - t0
   ttft = [r.chunk_times[0] - r.sent for r in ok]
@@ -264,17 +269,29 @@ SERVER_FLAGS = ("checkpoint", "model", "cache_dir", "dtype", "page_size", "num_p
                 "quantize", "kv_cache_dtype", "precompile")
 
 
-def main(cfg: ServeBenchConfig, serve_script, server_flags: Sequence[str], output: str,
+def server_command() -> tuple[list[str], dict]:
+  """The command and environment that start this installation's server
+  (`python -m ridgeline_cli.serve`, from a source tree or an installed package:
+  the directory holding the imported `ridgeline_cli` goes first on PYTHONPATH)."""
+  import ridgeline_cli
+  root = str(pathlib.Path(ridgeline_cli.__file__).resolve().parent.parent)
+  path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+  return [sys.executable, "-m", "ridgeline_cli.serve"], {**os.environ, "PYTHONPATH": path}
+
+
+def main(cfg: ServeBenchConfig, server_flags: Sequence[str], output: str,
          label: str = "") -> list[dict]:
-  """The benchmark script's `serve` mode: starts `serve_script` with `server_flags`
-  unless `cfg.url` names a running server, runs every rate, prints the table and
-  writes the results (JSON) to `output`, the server's log beside it."""
+  """The benchmark script's `serve` mode: starts the server (`server_command`) with
+  `server_flags` unless `cfg.url` names a running server, runs every rate, prints
+  the table and writes the results (JSON) to `output`, the server's log beside it."""
   with contextlib.ExitStack() as stack:
     if not cfg.url:
-      cmd = [sys.executable, os.fspath(serve_script), *server_flags]
+      command, env = server_command()
+      cmd = [*command, *server_flags]
       log = str(pathlib.Path(output).with_suffix(".server.log"))
       print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
-      cfg = dataclasses.replace(cfg, url=stack.enter_context(start_server(cmd, log_path=log)))
+      cfg = dataclasses.replace(cfg, url=stack.enter_context(
+          start_server(cmd, log_path=log, env=env)))
     results = run(cfg)
   print(format_table(results))
   out = pathlib.Path(output)

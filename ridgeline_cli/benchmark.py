@@ -134,18 +134,16 @@ flags.DEFINE_string("url", None, "serve: a running server to target (default: st
 
 
 def run_serve() -> None:
-  """`vllm bench serve`-style: starts scripts/serve.py with the same model and engine
-  flags (or targets --url) and streams Poisson arrivals at each --rates value over
-  HTTP (engine/serve_bench.py)."""
-  import pathlib
+  """`vllm bench serve`-style: starts the server (ridgeline_cli/serve.py) with the same
+  model and engine flags (or targets --url) and streams Poisson arrivals at each
+  --rates value over HTTP (engine/serve_bench.py)."""
   from engine import serve_bench
   cfg = serve_bench.ServeBenchConfig(
       url=FLAGS.url, rates=[float(r) for r in FLAGS.rates], num_requests=FLAGS.num_requests,
       input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed)
   server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
                   if FLAGS[n].present]
-  script = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "serve.py"
-  serve_bench.main(cfg, script, server_flags, FLAGS.output, FLAGS.label)
+  serve_bench.main(cfg, server_flags, FLAGS.output, FLAGS.label)
 
 
 def main(argv):

@@ -10,8 +10,10 @@ weights.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
+import subprocess
 import threading
 import time
 
@@ -94,11 +96,15 @@ def _client(served, **kw):
 
 
 def _wait_idle(served, timeout_s=30.0):
-  """Until the server holds no request and every KV page is free again."""
+  """Until the server holds no request, the engine none (an aborted request that
+  was still waiting holds no pages but leaves the engine at the loop's next turn)
+  and every KV page is free again."""
   alloc = served.engine.scheduler.allocator
   deadline = time.monotonic() + timeout_s
-  while served.server.pending or alloc.num_free != alloc.num_pages:
-    assert time.monotonic() < deadline, (served.server.pending, alloc.num_free, alloc.num_pages)
+  while (served.server.pending or served.engine.has_unfinished()
+         or alloc.num_free != alloc.num_pages):
+    assert time.monotonic() < deadline, (served.server.pending, served.engine.has_unfinished(),
+                                         alloc.num_free, alloc.num_pages)
     time.sleep(0.02)
 
 
@@ -426,4 +432,20 @@ def test_serve_bench_against_the_live_server(served):
     assert r["tpot_s"]["p50"] > 0 and r["itl_s"] is not None
   table = serve_bench.format_table(results)
   assert "TTFT p50" in table and "capacity:" in table
+  # A request over the time limit fails alone: the rate still reports its results.
+  slow = serve_bench.run(dataclasses.replace(cfg, rates=(float("inf"),), timeout_s=1e-3,
+                                             warmup_requests=0))
+  assert slow[0]["requests"] == 6 and slow[0]["failed"] == 6 and slow[0]["completed"] == 0
+  assert any("timed out" in e for e in slow[0]["errors"])
   _wait_idle(served)
+
+
+def test_serve_bench_starts_the_installed_server_anywhere(tmp_path):
+  """`ridgeline-bench --mode serve` starts `python -m ridgeline_cli.serve` with this
+  installation first on the path (no scripts/ directory needed), from any directory."""
+  from engine import serve_bench
+  command, env = serve_bench.server_command()
+  done = subprocess.run([*command, "--helpshort"], env=env, cwd=tmp_path, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "OpenAI-compatible server" in done.stdout and "--port" in done.stdout
