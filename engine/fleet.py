@@ -824,15 +824,15 @@ def run_job(fleet: Fleet, job: FleetJob, router=None,
   finally:
     pbar.close()
   wall = time.perf_counter() - t0
-  final = fleet.loads()
-  queries = hits = 0.0
-  for k, s in enumerate(final):
-    pids[k].add(s["pid"])
-    pid0, q0, h0 = base[k]
-    same = s["pid"] == pid0  # a restarted engine's counters start again at 0
-    queries += s["prefix_queries"] - (q0 if same else 0)
-    hits += s["prefix_hits"] - (h0 if same else 0)
-  try:
+  try:  # the journal's lock is released whatever fails here (Ray included)
+    final = fleet.loads()
+    queries = hits = 0.0
+    for k, s in enumerate(final):
+      pids[k].add(s["pid"])
+      pid0, q0, h0 = base[k]
+      same = s["pid"] == pid0  # a restarted engine's counters start again at 0
+      queries += s["prefix_queries"] - (q0 if same else 0)
+      hits += s["prefix_hits"] - (h0 if same else 0)
     tally = _assemble(journal, order, job.output)
   finally:
     journal.close()

@@ -5,10 +5,14 @@ arithmetic intensity, MFU, MBU) and per-request latency (TTFT, TPOT, queue time)
 Each engine owns one `Metrics` with its own prometheus_client registry (no
 process-global state): `prometheus_text()` is the exposition format a scraper
 reads, `snapshot()` a JSON-ready summary with percentiles for the end of a batch
-job. Raw samples for percentiles are kept in memory (8 bytes each).
+job. Raw samples for percentiles are kept in memory, 8 bytes each and at most
+`MAX_SAMPLES` of each kind (the oldest half is dropped when full), so a server
+that runs for weeks stays bounded; percentiles then cover the recent samples.
 """
 
 from __future__ import annotations
+
+import array
 
 import prometheus_client as prom
 
@@ -17,6 +21,29 @@ from engine.util import percentiles
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_SAMPLES = 1 << 20  # of each kind: 8 MiB
+
+
+class _Samples:
+  """Float samples numbered from 0, the latest `cap` of them kept."""
+
+  def __init__(self, cap: int = MAX_SAMPLES):
+    self.cap, self.dropped, self.values = cap, 0, array.array("d")
+
+  def append(self, value: float) -> None:
+    if len(self.values) >= self.cap:
+      half = self.cap // 2
+      del self.values[:half]
+      self.dropped += half
+    self.values.append(value)
+
+  def count(self) -> int:
+    """Samples ever appended (the next one's number)."""
+    return self.dropped + len(self.values)
+
+  def since(self, index: int = 0) -> list[float]:
+    """The kept samples numbered `index` and later."""
+    return self.values[max(0, index - self.dropped):].tolist()
 
 
 class Metrics:
@@ -67,7 +94,7 @@ class Metrics:
     self.queue_time = prom.Histogram(p + "queue_time_seconds", "Arrival to first scheduled",
                                      buckets=_LATENCY_BUCKETS, registry=r)
     self.target_intensity.set(ridge_point)
-    self._samples: dict[str, list[float]] = {k: [] for k in (
+    self._samples: dict[str, _Samples] = {k: _Samples() for k in (
         "decode_batch_size", "ttft", "tpot", "queue_time", "kv_cache_utilization")}
     self._steps: dict[str, dict[str, float]] = {}
 
@@ -126,8 +153,14 @@ class Metrics:
 
   def samples(self, name: str, since: int = 0) -> list[float]:
     """Raw per-step or per-request samples of `name` (decode_batch_size,
-    kv_cache_utilization, ttft, tpot, queue_time), from index `since` on."""
-    return self._samples[name][since:]
+    kv_cache_utilization, ttft, tpot, queue_time), from sample number `since` on
+    (those still kept: the latest MAX_SAMPLES)."""
+    return self._samples[name].since(since)
+
+  def sample_count(self, name: str) -> int:
+    """How many samples of `name` were ever taken: `samples(name, since=...)` of a
+    later call reads the ones taken in between."""
+    return self._samples[name].count()
 
   def prometheus_text(self) -> str:
     return prom.generate_latest(self.registry).decode()
@@ -153,7 +186,7 @@ class Metrics:
       }
     return {
         "ridge_point": self.ridge_point,
-        "decode_batch_size": _summary(self._samples["decode_batch_size"]),
+        "decode_batch_size": _summary(self._samples["decode_batch_size"].since()),
         "kv_cache_utilization": value("ridgeline_kv_cache_utilization"),
         "requests_running": int(value("ridgeline_requests_running")),
         "requests_waiting": int(value("ridgeline_requests_waiting")),
@@ -164,9 +197,9 @@ class Metrics:
         "prompt_tokens": int(value("ridgeline_prompt_tokens_total")),
         "generation_tokens": int(value("ridgeline_generation_tokens_total")),
         "steps": steps,
-        "ttft_s": _summary(self._samples["ttft"]),
-        "tpot_s": _summary(self._samples["tpot"]),
-        "queue_time_s": _summary(self._samples["queue_time"]),
+        "ttft_s": _summary(self._samples["ttft"].since()),
+        "tpot_s": _summary(self._samples["tpot"].since()),
+        "queue_time_s": _summary(self._samples["queue_time"].since()),
     }
 
 

@@ -66,7 +66,9 @@ flags.DEFINE_bool("auto_merge", True, "Merge the parts when the last one complet
 flags.DEFINE_integer("max_in_flight", 0, "Most requests in the engine at once "
                      "(0: 4 x --max_batch).")
 flags.DEFINE_bool("token_ids", True, "Write the generated token ids too.")
-flags.DEFINE_bool("fsync", True, "fsync each batch of finished lines.")
+flags.DEFINE_bool("fsync", True, "fsync the output after each finished line (off: faster "
+                  "on slow disks; an OS crash or power loss may then lose lines the OS had not "
+                  "written, which a rerun recomputes).")
 flags.DEFINE_bool("overwrite", False, "Delete an existing output (and its summary; process 0 "
                   "also the merged output) first, once this job holds the output's lock.")
 flags.DEFINE_integer("metrics_port", None, "Serve the engine's Prometheus metrics at "

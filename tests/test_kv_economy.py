@@ -157,3 +157,18 @@ def test_metrics_match_a_known_workload(model):
   # A second identical batch hits the prefix cache for every full page.
   engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5))
   assert engine.metrics.snapshot()["prefix_cache"]["hit_tokens"] == 16
+
+
+def test_metric_samples_stay_bounded():
+  """A long-running server keeps at most MAX_SAMPLES raw samples of each kind;
+  numbering stays absolute, so a job's `since` still reads what it took."""
+  from engine import metrics as metrics_lib
+  m = metrics_lib.Metrics(ridge_point=100.0)
+  m._samples["ttft"] = metrics_lib._Samples(cap=8)
+  for i in range(20):
+    m.on_request_finished(float(i), None, None)
+  assert m.sample_count("ttft") == 20
+  kept = m.samples("ttft")
+  assert len(kept) <= 8 and kept[-1] == 19.0 and kept == sorted(kept)
+  assert m.samples("ttft", since=17) == [17.0, 18.0, 19.0]
+  assert m.snapshot()["ttft_s"]["count"] == len(kept)

@@ -23,8 +23,8 @@ The story of one job:
 3. The engine is fed incrementally: at most `max_in_flight` requests are queued or
    running; as each finishes, its record is appended to the output and the request
    is released, and the next lines are pulled from the dataset.
-4. Exactly once: every batch of finished records goes to the file in one `write`
-   followed by `fsync`. On start the output is read back; a torn tail (no final
+4. Exactly once: every finished record goes to the file in one `write` followed by
+   `fsync` (a record per call: the job sees one finished request at a time). On start the output is read back; a torn tail (no final
    newline, or a line that does not parse) is truncated away, and the lines already
    there are skipped. Error records count as done (they are deterministic). So the
    job may be killed at any instant, SIGKILL included, and rerun with the same input.

@@ -156,8 +156,8 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   live: dict[str, Item] = {}
   tally = collections.Counter()
   metrics = engine.metrics
-  batches0 = len(metrics.samples("decode_batch_size"))
-  loads0 = len(metrics.samples("kv_cache_utilization"))
+  batches0 = metrics.sample_count("decode_batch_size")
+  loads0 = metrics.sample_count("kv_cache_utilization")
   counts0 = _engine_counts(engine)
   token_text = oaf.TokenText(getattr(engine, "tokenizer", None))
   model_name = getattr(getattr(engine, "model_config", None), "name", None) or "ridgeline"
