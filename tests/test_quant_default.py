@@ -11,11 +11,16 @@ import dataclasses
 import pytest
 
 from engine import quant_eval
+from engine.config import EngineConfig
 from model import loading, quant
 from model import transformer as transformer_lib
 
 PROMPTS = list(quant_eval.PROMPTS[:10])
 TOKENS = 16
+# Every prompt in one prefill step, then decode steps of all ten: two step shapes
+# a model (each is a compilation of the whole model on this CPU).
+CONFIG = EngineConfig(page_size=16, num_pages=10 * 128 // 16 + 8, max_model_len=128,
+                      max_batch=16, prefill_chunk=128, max_prefill_batch=16)
 # Max |logits - float32 logits| / max |float32 logits| over the 10 prompts.
 # Measured on this model: int8 4e-6, int4 4e-6 (float32 rounding: the matmul is
 # split into an integer part and a block-offset part), fp8 0.13
@@ -26,7 +31,7 @@ DEFAULT_BOUNDS = {"int8": 1e-4, "int4": 1e-4, "fp8": 0.25}
 @pytest.fixture(scope="module")
 def setup(default_checkpoint):
   model, tokenizer = loading.load_model(default_checkpoint)
-  ref = quant_eval.greedy(model, tokenizer, PROMPTS, TOKENS)
+  ref = quant_eval.greedy(model, tokenizer, PROMPTS, TOKENS, CONFIG)
   return model, tokenizer, ref, transformer_lib.to_params(model)
 
 
@@ -50,7 +55,7 @@ def test_int8_greedy_agreement_and_logprob_gap(setup):
   2e-7; int4 the same, bounded here by its logit error above)."""
   model, tokenizer, ref, params = setup
   q = _quantized(model, params, "int8")
-  out = quant_eval.greedy(q, tokenizer, PROMPTS, TOKENS)
+  out = quant_eval.greedy(q, tokenizer, PROMPTS, TOKENS, CONFIG)
   assert quant_eval.agreement(ref, out) >= 0.9
   ids = [tokenizer.encode(p) for p in PROMPTS]
   gap = quant_eval.logprob_gap(model, q, ids, ref)
@@ -59,7 +64,7 @@ def test_int8_greedy_agreement_and_logprob_gap(setup):
 
 def test_int8_kv_cache_greedy_agreement(setup):
   model, tokenizer, ref, _ = setup
-  config = dataclasses.replace(quant_eval.engine_config(), kv_dtype="int8")
+  config = dataclasses.replace(CONFIG, kv_dtype="int8")
   out = quant_eval.greedy(model, tokenizer, PROMPTS, TOKENS, config)
   assert quant_eval.agreement(ref, out) >= 0.9
 
@@ -70,6 +75,6 @@ def test_fp8_kv_cache_greedy_agreement(setup):
   does not reach the 90% that int8 does (measured in docs/quantization.md);
   the bound here is what it reaches, with a margin."""
   model, tokenizer, ref, _ = setup
-  config = dataclasses.replace(quant_eval.engine_config(), kv_dtype="fp8")
+  config = dataclasses.replace(CONFIG, kv_dtype="fp8")
   out = quant_eval.greedy(model, tokenizer, PROMPTS, TOKENS, config)
   assert quant_eval.agreement(ref, out) >= 0.4
