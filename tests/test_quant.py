@@ -137,6 +137,14 @@ def test_quantized_checkpoint_corruption_and_mismatch(tmp_path, tiny):
     loading.load_model(str(tmp_path / "b"), quantize="int4")
   with pytest.raises(ValueError, match="not a quantization mode"):
     loading.load_model(preset="tiny", quantize="int3")
+  # A checkpoint of the earlier int8 layout (no block minimums) is refused with
+  # the way out: an fp8 one relabelled as int8 stands in for it.
+  fp8 = _quantized(tiny, "fp8")
+  checkpoint.save(tmp_path / "old", transformer_lib.to_params(fp8), fp8.config)
+  config_path = tmp_path / "old" / checkpoint.CONFIG_FILE
+  config_path.write_text(config_path.read_text().replace('"fp8"', '"int8"'))
+  with pytest.raises(checkpoint.CheckpointError, match="earlier int8 layout.*--quantize"):
+    loading.load_model(str(tmp_path / "old"))
 
 
 def test_preset_quantized_at_load_on_a_mesh():
