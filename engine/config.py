@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-
+from typing import NamedTuple
 
 from engine.util import bucket, ceil_div, power_of_two_buckets  # noqa: F401 (re-exported)
+
+
+class StepShape(NamedTuple):
+  """A step's compiled shape: decode rows and prefill tokens, each a bucket."""
+
+  decode: int
+  prefill: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +24,9 @@ class EngineConfig:
     if set, else `memory_fraction` of the device memory minus what is already in
     use (the weights), else (devices that report no memory, like CPUs)
     `cpu_kv_cache_bytes`.
-  max_batch: most sequences in one decode step.
+  max_batch: most sequences in one decode step. None (the default): sized to the
+    device's ridge point by the Engine (planner.default_max_batch: hundreds of rows
+    on an H100/H200, a few dozen on a CPU), bounded by what the KV pool holds.
   max_model_len: most tokens (prompt + output) of one sequence. None (the
     default): the model's own limit (max_position_embeddings), capped by what
     the KV pool holds; the Engine resolves it when it sizes the pool.
@@ -37,7 +46,7 @@ class EngineConfig:
   kv_cache_bytes: int | None = None
   memory_fraction: float = 0.9
   cpu_kv_cache_bytes: int = 512 * 2**20
-  max_batch: int = 64
+  max_batch: int | None = None
   max_model_len: int | None = None
   prefill_chunk: int = 512
   max_prefill_batch: int = 8
@@ -66,6 +75,12 @@ class EngineConfig:
       raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got "
                        f"{self.memory_fraction}")
 
+  def _resolved(self, name: str):
+    value = getattr(self, name)
+    if value is None:
+      raise ValueError(f"EngineConfig.{name} is None (sized by the Engine); use engine.config")
+    return value
+
   @property
   def max_pages_per_seq(self) -> int:
     if self.max_model_len is None:
@@ -90,14 +105,15 @@ class EngineConfig:
     """Decode rows of a step without prefill work: powers of two, and from 16 on
     the points half-way (24, 48, ...): a batch-33 step padded to 64 rows cost 295
     ms where 48 rows cost 253 (2-core CPU, 300-token contexts)."""
-    powers = power_of_two_buckets(self.max_batch)
-    halves = [3 * b // 2 for b in powers if b >= 16 and 3 * b // 2 < self.max_batch]
+    max_batch = self._resolved("max_batch")
+    powers = power_of_two_buckets(max_batch)
+    halves = [3 * b // 2 for b in powers if b >= 16 and 3 * b // 2 < max_batch]
     return tuple(sorted(set(powers) | set(halves)))
 
   @property
   def mixed_decode_buckets(self) -> tuple[int, ...]:
     """Decode rows of a step that also prefills (0: none)."""
-    return (0,) + geometric_buckets(self.max_batch, 4, 4)
+    return (0,) + geometric_buckets(self._resolved("max_batch"), 4, 4)
 
   @property
   def prefill_token_buckets(self) -> tuple[int, ...]:
@@ -109,12 +125,13 @@ class EngineConfig:
   @property
   def max_sample_rows(self) -> int:
     """Rows a step samples at most: every decode row and one per prefilled sequence."""
-    return self.max_batch + self.max_prefill_batch
+    return self._resolved("max_batch") + self.max_prefill_batch
 
-  def step_shapes(self) -> list[tuple[int, int]]:
+  def step_shapes(self) -> list[StepShape]:
     """Every (decode rows, prefill tokens) a step can have."""
-    shapes = [(b, 0) for b in self.decode_buckets]
-    shapes += [(b, t) for t in self.prefill_token_buckets for b in self.mixed_decode_buckets]
+    shapes = [StepShape(b, 0) for b in self.decode_buckets]
+    shapes += [StepShape(b, t) for t in self.prefill_token_buckets
+               for b in self.mixed_decode_buckets]
     return shapes
 
   def max_step_variants(self) -> int:

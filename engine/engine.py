@@ -32,6 +32,7 @@ import numpy as np
 from engine import roofline
 from engine.config import EngineConfig
 from engine.metrics import Metrics
+from engine import planner as planner_lib
 from engine.planner import Planner
 from engine.runner import Runner
 from engine.sampling import SamplingParams
@@ -140,10 +141,13 @@ class Engine:
     if config.max_model_len is None:  # the model's own limit, as far as the pool holds
       config = dataclasses.replace(
           config, max_model_len=min(max_pos, num_pages * config.page_size))
+    self.peaks = peaks or roofline.device_peaks()
+    if config.max_batch is None:  # sized to the ridge, as far as the pool holds
+      config = dataclasses.replace(config, max_batch=planner_lib.default_max_batch(
+          model.config, self.peaks, num_pages * config.page_size, config.kv_dtype))
     self.config = config
     self.runner = Runner(model, config, num_pages, mesh=mesh)
     eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
-    self.peaks = peaks or roofline.device_peaks()
     self.planner = Planner(model.config, config, self.peaks)
     self.metrics = Metrics(self.planner.ridge)
     self.scheduler = Scheduler(self.runner, config, eos_ids, self.planner, self.metrics)
@@ -212,9 +216,13 @@ class Engine:
   # Requests -----------------------------------------------------------------
 
   def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                  request_id: str | None = None) -> str:
+                  request_id: str | None = None, *, stream: bool = False) -> str:
     """Queues one prompt; returns its request id. Never raises for bad input:
-    a request that cannot run is recorded as failed (see `get_output`)."""
+    a request that cannot run is recorded as failed (see `get_output`).
+
+    stream: `step()` hands out this request's deltas as its tokens come (text
+    decoded token by token); otherwise one delta per completion when it
+    finishes, its text decoded once."""
     request_id = request_id if request_id is not None else str(next(self._ids))
     if request_id in self.scheduler.requests or request_id in self._failed:
       raise ValueError(f"duplicate request_id {request_id!r}")
@@ -222,7 +230,7 @@ class Engine:
     if waiting >= self.config.max_waiting:
       raise CapacityError(
           f"engine at capacity: {waiting} requests waiting (max_waiting="
-          f"{self.config.max_waiting}), {len(self.scheduler.running)} running, KV cache "
+          f"{self.config.max_waiting}), {self.scheduler.num_running} running, KV cache "
           f"{100 * self.kv_utilization():.0f}% used; retry when requests finish")
     arrival = time.perf_counter()
     try:
@@ -243,7 +251,8 @@ class Engine:
     skip = params.skip_special_tokens
     self.scheduler.add(Request(
         request_id, prompt_ids, params, arrival, seed, max_tokens,
-        detokenizer_factory=(lambda: tok.detokenizer(prompt_ids, skip)) if tok else None))
+        detokenizer_factory=(lambda: tok.detokenizer(prompt_ids, skip)) if tok else None,
+        stream=stream))
     return request_id
 
   def _check_params(self, params: SamplingParams) -> SamplingParams:
@@ -349,13 +358,20 @@ class Engine:
     return self.scheduler.has_work()
 
   def step(self):
-    """One scheduler step; returns the per-sequence deltas it produced."""
+    """One scheduler step; returns the deltas it produced: those of streaming
+    requests as they come, and one for every completion that finished."""
     return self.scheduler.step()
 
-  def warmup(self) -> float:
-    """Compiles every step shape now (in parallel), so that no request waits for a
-    compilation; returns the seconds it took (little with a warm persistent cache)."""
-    return self.runner.warmup()
+  def warmup(self, background: bool = False) -> float:
+    """Compiles the step shapes now, so that no request waits for a compilation;
+    returns the seconds it took (little with a warm persistent cache).
+
+    background=False: every shape (in parallel threads). background=True: the two
+    shapes every step fits in; a step whose own shape is not compiled yet runs
+    padded into one of them while its own compiles in a background thread, so
+    the engine starts sooner and compiles only the shapes its work uses
+    (`Runner.shape_for`)."""
+    return self.runner.warmup(background=background)
 
   def get_output(self, request_id: str) -> RequestOutput:
     if request_id in self._failed:
@@ -363,7 +379,7 @@ class Engine:
     request = self.scheduler.requests[request_id]
     seqs = sorted(request.seqs, key=lambda s: s.index)
     want_lp = request.params.logprobs is not None
-    outputs = [CompletionOutput(s.index, s.out.text, list(s.out.token_ids),
+    outputs = [CompletionOutput(s.index, self._text_so_far(s), s.token_ids,
                                 s.out.finish_reason, s.out.stop_reason,
                                 list(s.out.logprobs) if want_lp else None)
                for s in seqs]
@@ -371,6 +387,14 @@ class Engine:
     return RequestOutput(request_id, None, list(request.prompt_ids), outputs,
                          request.finished, request.metrics(),
                          error=errors[0] if errors else None)
+
+  def _text_so_far(self, seq) -> str:
+    """A completion's text; one that is still running and makes its text only
+    at the end is decoded now (for this caller only)."""
+    out = seq.out
+    if out.finished or out.needs_text or out.detokenizer_factory is None:
+      return out.text
+    return out.detokenizer_factory().extend(seq.token_ids)
 
   def release(self, request_id: str) -> None:
     """Forgets a finished request (its output can no longer be fetched)."""
@@ -405,7 +429,7 @@ class Engine:
           if req is None:
             exhausted = True
             break
-          rid = self.add_request(req.prompt, req.params, req.request_id)
+          rid = self.add_request(req.prompt, req.params, req.request_id, stream=stream)
           if rid in self._failed:
             out = self.get_output(rid)
             out.prompt = req.prompt

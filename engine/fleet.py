@@ -480,12 +480,13 @@ class Fleet:
                      int((resources.get("CPU", 1) - 1) // num_cpus) if num_cpus else 1)
       num_workers = max(num_workers, 1)
     self.spec = spec
-    self.max_batch = spec.config.max_batch
     actor = ray.remote(EngineWorker).options(
         num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
         max_task_retries=max_task_retries, runtime_env=runtime_env)
     self.workers = [actor.remote(spec, token_ids) for _ in range(num_workers)]
-    self.loads()  # waits until every engine is built (and fails if one cannot be)
+    # Waits until every engine is built (and fails if one cannot be); the decode
+    # batch is the engines' own (sized to their device unless the spec sets it).
+    self.max_batch = min(load["max_batch"] for load in self.loads())
 
   def __len__(self) -> int:
     return len(self.workers)

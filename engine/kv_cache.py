@@ -7,8 +7,8 @@ updates each layer's pool in place, with no slicing of a stacked buffer.
 
 Host side: pages are integers. The allocator keeps a reference count per page; a
 page shared by several sequences (a common prompt prefix, the prompt of an `n > 1`
-request) is released when its last owner lets go. Block tables are plain lists of
-page ids on each sequence, sent to the device as small int32 arrays.
+request) is released when its last owner lets go. Block tables are rows of one
+int32 array, one row per slot of the live batch, sent to the device as they are.
 
 Prefix cache: a page whose every slot has been computed is keyed by a hash chain
 over the token ids up to and including it (`page_hash`), so equal keys mean equal
@@ -135,22 +135,43 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class KVCacheManager:
-  """The host side of the cache: which pages each sequence owns, the prefix cache,
-  eviction and copy-on-write forks. The scheduler asks; only this class edits a
-  sequence's `pages` and `page_keys` (the page ids of its block table, and the
-  prefix-cache keys of its leading full pages).
+  """The host side of the cache: the block table of every slot of the live batch
+  (engine/live_batch.py), the prefix cache, eviction and copy-on-write forks.
+  The scheduler asks; only this class edits block tables and prefix keys.
 
-  A sequence is anything with `pages: list[int]`, `page_keys: list[bytes]` and
-  `num_computed: int`; `tokens` are passed in (the scheduler knows which are
-  resolved).
+  Block tables are one int32 array `tables[slot, :num_pages[slot]]`, so a step's
+  tables are a gather of its rows (the runner sends them as they are), and a
+  page is added to a row only when its sequence crosses a page boundary (one
+  step in `page_size`). `keys[slot]` are the prefix-cache keys of the slot's
+  leading full pages (`num_keys[slot]` of them): a page is published once, when
+  it has filled.
   """
 
-  def __init__(self, num_pages: int, page_size: int):
+  def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int,
+               capacity: int = 1):
     self.page_size = page_size
     self.allocator = PageAllocator(num_pages)
     # The runner's scratch page (index num_pages, owned by no sequence): a block-table
     # entry whose page a sliding window has released points there.
     self.scratch = num_pages
+    self.width = max_pages_per_seq
+    self.tables = np.zeros((0, max_pages_per_seq), np.int32)
+    self.num_pages = np.zeros(0, np.int32)
+    self.num_keys = np.zeros(0, np.int32)
+    self.released = np.zeros(0, np.int32)  # leading pages a sliding window released
+    self.keys: list[list[bytes]] = []
+    self.grow(capacity)
+
+  def grow(self, capacity: int) -> None:
+    old = len(self.num_pages)
+    tables = np.zeros((capacity, self.width), np.int32)
+    tables[:old] = self.tables
+    self.tables = tables
+    for name in ("num_pages", "num_keys", "released"):
+      a = np.zeros(capacity, np.int32)
+      a[:old] = getattr(self, name)
+      setattr(self, name, a)
+    self.keys += [[] for _ in range(capacity - old)]
 
   @property
   def num_free(self) -> int:
@@ -159,74 +180,90 @@ class KVCacheManager:
   def utilization(self) -> float:
     return self.allocator.utilization()
 
-  def pages_needed(self, seq, num_tokens: int) -> int:
-    return max(0, pages_for(num_tokens, self.page_size) - len(seq.pages))
+  def pages(self, slot: int) -> np.ndarray:
+    return self.tables[slot, :self.num_pages[slot]]
 
-  def allocate(self, seq, num_tokens: int) -> bool:
-    """Gives `seq` pages for its first `num_tokens` tokens; False (nothing taken)
-    if the pool cannot."""
-    need = self.pages_needed(seq, num_tokens)
+  def pages_needed(self, slot: int, num_tokens: int) -> int:
+    return max(0, pages_for(num_tokens, self.page_size) - int(self.num_pages[slot]))
+
+  def allocate(self, slot: int, num_tokens: int) -> bool:
+    """Gives the slot pages for its first `num_tokens` tokens; False (nothing
+    taken) if the pool cannot."""
+    need = self.pages_needed(slot, num_tokens)
     if need > self.allocator.num_free:
       return False
     if need:
-      seq.pages += self.allocator.allocate(need)
+      n = int(self.num_pages[slot])
+      self.tables[slot, n:n + need] = self.allocator.allocate(need)
+      self.num_pages[slot] = n + need
     return True
 
-  def release(self, seq) -> None:
-    """Drops the sequence's pages (full ones stay in the prefix cache) and resets it
-    to nothing computed. Last pages first, so the LRU evicts a sequence's tail
-    before its prefix."""
-    self.allocator.free(p for p in reversed(seq.pages) if p != self.scratch)
-    seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+  def release(self, slot: int) -> None:
+    """Drops the slot's pages (full ones stay in the prefix cache). Last pages
+    first, so the LRU evicts a sequence's tail before its prefix."""
+    pages = self.pages(slot)
+    self.allocator.free(int(p) for p in pages[::-1] if p != self.scratch)
+    self.num_pages[slot] = self.num_keys[slot] = self.released[slot] = 0
+    self.keys[slot] = []
 
-  def release_before(self, seq, position: int) -> None:
+  def release_before(self, slot: int, position: int) -> None:
     """Frees the pages that hold only positions before `position`, which a sliding
     window has moved past for good (every layer slides): the cache of a long
     sequence stays bounded. Their entries become the scratch page; attention
     masks those positions anyway. A published page stays in the prefix cache."""
-    n = min(max(position, 0) // self.page_size, len(seq.pages))
-    freed = [p for p in seq.pages[:n] if p != self.scratch]
-    if freed:
-      self.allocator.free(freed)
-      seq.pages[:n] = [self.scratch] * n
+    n = min(max(position, 0) // self.page_size, int(self.num_pages[slot]))
+    done = int(self.released[slot])
+    if n > done:
+      self.allocator.free(int(p) for p in self.tables[slot, done:n])
+      self.tables[slot, done:n] = self.scratch
+      self.released[slot] = n
 
-  def reuse_prefix(self, seq, tokens: Sequence[int]) -> int:
-    """Points a sequence about to start at the cached pages of its longest cached
-    prefix and returns the tokens found. At least one token is left to compute:
-    its logits are needed."""
-    key = b""
-    for j in range((len(tokens) - 1) // self.page_size):
-      key = page_hash(key, tokens[j * self.page_size:(j + 1) * self.page_size])
+  def reuse_prefix(self, slot: int, tokens: np.ndarray) -> int:
+    """Points a sequence about to start (holding no pages) at the cached pages of
+    its longest cached prefix and returns the tokens found. At least one token is
+    left to compute: its logits are needed."""
+    key, found, keys = b"", [], []
+    s = self.page_size
+    for j in range((len(tokens) - 1) // s):
+      key = page_hash(key, tokens[j * s:(j + 1) * s])
       page = self.allocator.lookup(key)
       if page is None:
         break
       self.allocator.acquire(page)
-      seq.pages.append(page)
-      seq.page_keys.append(key)
-    seq.num_computed = len(seq.pages) * self.page_size
-    return seq.num_computed
+      found.append(page)
+      keys.append(key)
+    self.tables[slot, :len(found)] = found
+    self.num_pages[slot] = self.num_keys[slot] = len(found)
+    self.keys[slot] = keys
+    return len(found) * s
 
-  def publish(self, seq, tokens: Sequence[int]) -> None:
-    """Offers every full page of `seq` whose K/V has been dispatched and whose
-    tokens are all in `tokens` (the resolved ones) to the prefix cache. Pages
+  def publish(self, slot: int, tokens: np.ndarray, upto: int) -> None:
+    """Offers every full page among the slot's first `upto` tokens (computed by a
+    dispatched step and resolved: all in `tokens`) to the prefix cache. Pages
     computed by a step that is still running may be published: any step that
     reads them runs after it (one device stream; within a step every layer
     writes all its K/V before it attends)."""
     s = self.page_size
-    for j in range(len(seq.page_keys), min(seq.num_computed, len(tokens)) // s):
-      previous = seq.page_keys[-1] if seq.page_keys else b""
-      key = page_hash(previous, tokens[j * s:(j + 1) * s])
-      if seq.pages[j] != self.scratch:
-        self.allocator.cache(seq.pages[j], key)
-      seq.page_keys.append(key)
+    keys = self.keys[slot]
+    for j in range(len(keys), upto // s):
+      key = page_hash(keys[-1] if keys else b"", tokens[j * s:(j + 1) * s])
+      page = int(self.tables[slot, j])
+      if page != self.scratch:
+        self.allocator.cache(page, key)
+      keys.append(key)
+    self.num_keys[slot] = len(keys)
 
-  def fork(self, parent, child, upto: int) -> None:
+  def fork(self, parent: int, child: int, upto: int) -> int:
     """Shares the parent's full pages among its first `upto` tokens with `child`
     (copy-on-write without the copy: the child computes the rest of its prompt,
     fewer than a page of tokens plus the last one, itself; the shared pages are
-    never written again)."""
+    never written again). Returns the tokens the child has computed."""
     full = upto // self.page_size
-    self.allocator.share(p for p in parent.pages[:full] if p != self.scratch)
-    child.pages = list(parent.pages[:full])
-    child.page_keys = list(parent.page_keys[:full])
-    child.num_computed = full * self.page_size
+    pages = self.tables[parent, :full]
+    self.allocator.share(int(p) for p in pages if p != self.scratch)
+    self.tables[child, :full] = pages
+    self.num_pages[child] = full
+    self.keys[child] = list(self.keys[parent][:full])
+    self.num_keys[child] = len(self.keys[child])
+    self.released[child] = self.released[parent]
+    return full * self.page_size

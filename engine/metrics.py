@@ -86,6 +86,10 @@ class Metrics:
                           registry=r)
     self.mbu = prom.Gauge(p + "mbu", "Memory bandwidth utilization of the last step", ["kind"],
                           registry=r)
+    self.host_seconds = prom.Counter(p + "host_seconds", "Seconds the host spent in engine "
+                                     "steps, waiting for the device excluded", registry=r)
+    self.device_wait_seconds = prom.Counter(p + "device_wait_seconds", "Seconds engine steps "
+                                            "waited for the device's tokens", registry=r)
     self.ttft = prom.Histogram(p + "time_to_first_token_seconds", "Arrival to first token",
                                buckets=_LATENCY_BUCKETS, registry=r)
     self.tpot = prom.Histogram(p + "time_per_output_token_seconds",
@@ -97,6 +101,7 @@ class Metrics:
     self._samples: dict[str, _Samples] = {k: _Samples() for k in (
         "decode_batch_size", "ttft", "tpot", "queue_time", "kv_cache_utilization")}
     self._steps: dict[str, dict[str, float]] = {}
+    self._host = {"steps": 0, "seconds": 0.0, "wait_seconds": 0.0}
 
   # Hooks the scheduler calls -------------------------------------------------
 
@@ -126,6 +131,16 @@ class Metrics:
     acc["seconds"] += seconds
     acc["mfu_x_s"] += mfu * seconds
     acc["mbu_x_s"] += mbu * seconds
+
+  def on_host_step(self, seconds: float, wait_seconds: float) -> None:
+    """One engine step took `seconds` on the host, of which `wait_seconds` waiting
+    for the device (the rest is the host's own work: planning, building inputs,
+    dispatching, reading tokens, emitting)."""
+    self.host_seconds.inc(seconds - wait_seconds)
+    self.device_wait_seconds.inc(wait_seconds)
+    self._host["steps"] += 1
+    self._host["seconds"] += seconds - wait_seconds
+    self._host["wait_seconds"] += wait_seconds
 
   def on_request_finished(self, ttft: float | None, tpot: float | None,
                           queue_time: float | None) -> None:
@@ -197,6 +212,8 @@ class Metrics:
         "prompt_tokens": int(value("ridgeline_prompt_tokens_total")),
         "generation_tokens": int(value("ridgeline_generation_tokens_total")),
         "steps": steps,
+        "host": {**self._host, "ms_per_step": (1e3 * self._host["seconds"] / self._host["steps"]
+                                               if self._host["steps"] else 0.0)},
         "ttft_s": _summary(self._samples["ttft"].since()),
         "tpot_s": _summary(self._samples["tpot"].since()),
         "queue_time_s": _summary(self._samples["queue_time"].since()),

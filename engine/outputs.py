@@ -1,9 +1,9 @@
 """What a completion shows its caller: tokens, text, stops, deltas and timings.
 
-One `Completion` per sequence turns sampled tokens into output: it detokenizes
-incrementally, finds stop tokens and stop strings (also across token
-boundaries), enforces max_tokens and the model length, and hands out deltas
-that never show text a stop string may still claim. The timing formulas (TTFT,
+One `Completion` per sequence turns sampled tokens into text: incrementally for
+the sequences that stream or have stop strings (found also across token
+boundaries), once at the end for the others; it hands out deltas that never
+show text a stop string may still claim. The timing formulas (TTFT,
 TPOT, queue time, end to end) live here too, so the engine's per-request
 metrics and the Prometheus histograms cannot disagree.
 """
@@ -11,7 +11,7 @@ metrics and the Prometheus histograms cannot disagree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.sampling import SamplingParams
 
@@ -32,88 +32,102 @@ class StreamOutput:
 
 @dataclasses.dataclass(eq=False)
 class Completion:
-  """The output side of one sequence."""
+  """The output side of one sequence that Python holds: text, the finish, the
+  log-probabilities asked for, and what deltas have handed out. The tokens
+  themselves live in the live batch (engine/live_batch.py) while the sequence
+  runs; EOS, stop ids and max_tokens are found there with array operations.
+
+  Text is made where someone reads it: a sequence that streams or has stop
+  strings (`needs_text`) is detokenized as each token comes (`push`), the others
+  once, when they finish (`finish` with their tokens): the same text either way.
+  """
 
   params: SamplingParams
-  eos_ids: Sequence[int]
-  max_tokens: int
-  detokenizer: object | None = None
-  token_ids: list[int] = dataclasses.field(default_factory=list)
-  logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+  detokenizer_factory: Callable[[], object] | None = None
+  stream: bool = False
   text: str = ""
   finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
   stop_reason: int | str | None = None
   error: str | None = None
+  logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
   emitted_chars: int = 0  # text already handed out in deltas
   emitted_tokens: int = 0
+  _detokenizer: object | None = None
 
   @property
   def finished(self) -> bool:
     return self.finish_reason is not None
 
-  def banned_ids(self) -> list[int]:
-    """Token ids the next sample may not be (stops, while min_tokens is unmet)."""
-    p = self.params
-    if len(self.token_ids) >= p.min_tokens:
-      return []
-    return ([] if p.ignore_eos else list(self.eos_ids)) + list(p.stop_token_ids)
+  @property
+  def needs_text(self) -> bool:
+    """Text per token: for a stream, or to find stop strings."""
+    return self.detokenizer_factory is not None and (self.stream or bool(self.params.stop))
 
-  def append(self, token: int, logprobs: dict[int, float] | None, total_tokens: int,
-             max_model_len: int) -> str | None:
-    """Adds a sampled token; returns the finish reason if it ends the sequence.
-    `total_tokens`: prompt + output tokens after this one."""
-    self.token_ids.append(token)
-    if logprobs is not None:
-      self.logprobs.append(logprobs)
+  @property
+  def detokenizer(self):
+    if self._detokenizer is None and self.detokenizer_factory is not None:
+      self._detokenizer = self.detokenizer_factory()
+    return self._detokenizer
+
+  def push(self, token: int, num_output: int, eos: bool, stop_id: bool) -> str | None:
+    """Adds the text of a new token (`needs_text` sequences); returns "stop" if
+    a stop string ends the sequence. `num_output`: output tokens with this one;
+    `eos`: the token is an EOS that ends it (no text), `stop_id`: a stop id."""
     p = self.params
-    is_eos = token in self.eos_ids and not p.ignore_eos
     prev_len = len(self.text)
-    if not is_eos and self.detokenizer is not None:
+    if not eos:
       self.text += self.detokenizer.push(token)
-    if is_eos:
-      return self.finish("stop")
-    if token in p.stop_token_ids:
-      self.stop_reason = token
-      return self.finish("stop")
-    if p.stop and len(self.token_ids) >= p.min_tokens:
-      # A new match must end in the new text, so it starts at most
-      # len(stop) - 1 characters before it.
-      start = max(0, prev_len - max(len(s) for s in p.stop) + 1)
-      hits = [(self.text.find(s, start), s) for s in p.stop]
-      hits = [(pos, s) for pos, s in hits if pos >= 0]
-      if hits:
-        pos, s = min(hits)
-        self.text = self.text[:pos + (len(s) if p.include_stop_str_in_output else 0)]
-        self.stop_reason = s
-        return self.finish("stop")
-    if len(self.token_ids) >= self.max_tokens or total_tokens >= max_model_len:
-      return self.finish("length")
-    return None
+    if eos or stop_id or not p.stop or num_output < p.min_tokens:
+      return None
+    # A new match must end in the new text, so it starts at most
+    # len(stop) - 1 characters before it.
+    start = max(0, prev_len - max(len(s) for s in p.stop) + 1)
+    hits = [(self.text.find(s, start), s) for s in p.stop]
+    hits = [(pos, s) for pos, s in hits if pos >= 0]
+    if not hits:
+      return None
+    pos, s = min(hits)
+    self.text = self.text[:pos + (len(s) if p.include_stop_str_in_output else 0)]
+    self.stop_reason = s
+    return "stop"
 
-  def finish(self, reason: str) -> str:
+  def finish(self, reason: str, token_ids: Sequence[int] = (), ended_by_eos: bool = False
+             ) -> None:
+    """Ends the sequence. One without text so far gets it now, in one decode of
+    `token_ids` (its output; a final EOS adds no text). A stop keeps back an
+    unfinished character (as the token-by-token text does), other ends flush it."""
     self.finish_reason = reason
-    if self.detokenizer is not None and reason != "stop":
+    if self.detokenizer_factory is None or reason == "error":
+      return
+    if not self.needs_text:
+      ids = token_ids[:-1] if ended_by_eos else token_ids
+      if len(ids):
+        text = self.detokenizer.extend(ids)
+        self.text += text.rstrip("\ufffd") if reason == "stop" else text
+        return
+    if reason != "stop":
       self.text += self.detokenizer.flush()
-    return reason
 
   def fail(self, error: str) -> None:
     """Ends the sequence with an error (the rest of the batch runs on)."""
     self.error = error
     self.finish_reason = "error"
 
-  def delta(self, request_id: str, index: int) -> StreamOutput | None:
-    """New tokens and text since the last delta, or None if there are none."""
+  def delta(self, request_id: str, index: int, token_ids: Sequence[int]
+            ) -> StreamOutput | None:
+    """New tokens and text since the last delta, or None if there are none.
+    `token_ids`: the sequence's output tokens so far."""
     finished = self.finished
     # Hold back text that may still turn out to be the start of a stop string.
     hold = 0 if finished or not self.params.stop else max(len(s) for s in self.params.stop) - 1
     upto = max(self.emitted_chars, len(self.text) - hold)
     text = self.text[self.emitted_chars:upto]
-    token_ids = self.token_ids[self.emitted_tokens:]
-    if not text and not token_ids and not finished:
+    new_ids = list(token_ids[self.emitted_tokens:])
+    if not text and not new_ids and not finished:
       return None
     self.emitted_chars = upto
-    self.emitted_tokens = len(self.token_ids)
-    return StreamOutput(request_id, index, text, token_ids, finished, self.finish_reason)
+    self.emitted_tokens = len(token_ids)
+    return StreamOutput(request_id, index, text, new_ids, finished, self.finish_reason)
 
 
 @dataclasses.dataclass

@@ -35,6 +35,47 @@ from engine.config import EngineConfig
 from model.config import ModelConfig
 
 
+# The default decode batch (`default_max_batch`): the context a typical request of
+# a batch job decodes at (prompt and answer of a few hundred tokens each), the
+# largest default, and the most where the peaks are measured (a CPU).
+TYPICAL_CONTEXT = 512
+MAX_DEFAULT_BATCH = 1024
+MEASURED_DEVICE_BATCH = 64
+
+
+def default_max_batch(model_config: ModelConfig, peaks: roofline.DevicePeaks,
+                      pool_tokens: int, kv_dtype=None,
+                      context: int = TYPICAL_CONTEXT) -> int:
+  """The decode batch a device should run by default: the fewest rows whose decode
+  step reaches the ridge at `context` tokens (rounded up to a step bucket: a power
+  of two or 1.5 times one), but no more than the KV pool holds at that context
+  (rounded down), at most MAX_DEFAULT_BATCH.
+
+  From the table: Llama-3.1-8B bf16 on an H100 cannot reach the ridge at 512
+  tokens (its KV reads grow with the batch as fast as the math), so its pool
+  decides: 768 rows; on an H200 1,024; on an A100 the ridge, 512.
+
+  Where the peaks are measured (a CPU) at most MEASURED_DEVICE_BATCH, and the
+  pool does not bound it: there the host and the "device" share the same cores
+  (rows past the ridge only slow each step; the default model reaches its fp32
+  ridge near 96 rows), and the pool is a setting (`cpu_kv_cache_bytes`), not the
+  device's memory: a batch that outgrows it preempts and recomputes.
+  """
+  ridge = peaks.ridge_point(roofline.matmul_dtype(model_config, peaks))
+  one = roofline.decode_cost(model_config, [context], kv_dtype)
+  per_seq_bytes = one.bytes - one.weight_bytes
+  # intensity(b) = b * flops / (weights + b * per_seq): solve for the ridge.
+  denominator = one.flops - ridge * per_seq_bytes
+  need = ridge * one.weight_bytes / denominator if denominator > 0 else float("inf")
+  steps = sorted({v for k in range(12) for v in (1 << k, 3 << k >> 1)} - {0})
+  up = next((v for v in steps if v >= need), float("inf"))
+  room = max(1, pool_tokens // context)
+  down = max(v for v in steps if v <= max(room, 1))
+  if peaks.measured:
+    return int(min(up, MEASURED_DEVICE_BATCH))
+  return int(min(up, down, MAX_DEFAULT_BATCH))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   decode_batch: int
@@ -119,6 +160,12 @@ class Planner:
         self.model_config, [(0, budget)], cfg.kv_dtype)) > limit:
       budget //= 2
     return Plan(batch, max(budget, 1), self.ridge)
+
+  def shape_seconds(self, shape, context: float) -> float:
+    """Roofline seconds of a step of `shape` (decode rows at `context` tokens,
+    prefill tokens as one fresh chunk)."""
+    rows = [(context, 1)] * shape.decode + ([(0, shape.prefill)] if shape.prefill else [])
+    return self._seconds(self.cost(rows)) if rows else 0.0
 
   def cost(self, rows: Sequence[tuple[int, int]]) -> roofline.StepCost:
     """The roofline cost of a step that ran `rows` of (cached prefix, new tokens):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import itertools
 import os
 import threading
 import time
@@ -40,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from engine import config as config_lib
 from engine import sampling
-from engine.config import EngineConfig
+from engine.config import EngineConfig, StepShape
 from model import attention
 from model import sharding as sharding_lib
 from model import transformer as transformer_lib
@@ -53,15 +52,20 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-@dataclasses.dataclass
-class DecodeRow:
-  """One decoding sequence's token at `position`: `token` if the host knows it,
-  else `src`, the previous step's output row that sampled it."""
+# A variant that loads from the persistent compilation cache takes ~0.4 s (its
+# lowering and the load); compiling one takes 1-3 s on the 2-core CPU host.
+CACHED_COMPILE_SECONDS = 0.8
 
-  token: int
-  src: int
-  position: int
-  pages: Sequence[int]
+
+class DecodeRows(NamedTuple):
+  """The decoding sequences of a step, one token each (host arrays, [d] rows):
+  the token at `positions` is `tokens` if the host knows it, else the previous
+  step's output row `src` sampled it; `tables` are their block tables."""
+
+  tokens: np.ndarray  # [d] i32
+  src: np.ndarray  # [d] i32, -1: the token is in `tokens`
+  positions: np.ndarray  # [d] i32
+  tables: np.ndarray  # [d, NB] i32
 
 
 @dataclasses.dataclass
@@ -69,9 +73,9 @@ class Chunk:
   """Prompt tokens of one sequence at positions start, start+1, ...; `sample`:
   the chunk ends the prompt, so its last token's logits are sampled."""
 
-  tokens: Sequence[int]
+  tokens: np.ndarray
   start: int
-  pages: Sequence[int]
+  pages: np.ndarray
   sample: bool = False
 
 
@@ -158,6 +162,13 @@ class Runner:
     self._compiled: dict[tuple, jax.stages.Compiled] = {}
     self._compile_lock = threading.Lock()
     self.compilations = 0
+    self._compile_time = 0.0
+    # Compiling in the background (warmup(background=True)): its executor and
+    # the shapes queued on it.
+    self._background: concurrent.futures.ThreadPoolExecutor | None = None
+    self._queued: set[StepShape] = set()
+    # The sampler's part of a standard step's key (no penalties, bans or masks).
+    self._standard_tail = self._key(self.standard_inputs(StepShape(1, 0)))[2:]
     self._sub_byte = any(jnp.dtype(x.dtype).itemsize < 1 or jnp.dtype(x.dtype).name in
                          ("int4", "uint4") for x in jax.tree.leaves(self.state))
 
@@ -175,10 +186,11 @@ class Runner:
     with sharding_lib.rules_in_effect(self.mesh, self._plan):
       logits, kv = model(tokens, inputs.positions, kv, inputs.slots, inputs.layout,
                          inputs.sample_index)  # [R, V]
-    # Penalty history entries the host has not read yet: -2 - s names the
-    # previous step's output row s.
-    ids = inputs.sampler.history_ids
-    ids = jnp.where(ids <= -2, prev_tokens[jnp.clip(-2 - ids, 0, self.max_rows - 1)], ids)
+    # Penalty history entries the host has not read yet name the previous
+    # step's output row that holds them.
+    hsrc = inputs.sampler.history_src
+    ids = jnp.where(hsrc >= 0, prev_tokens[jnp.clip(hsrc, 0, self.max_rows - 1)],
+                    inputs.sampler.history_ids)
     out = sampling.sample(logits, inputs.sampler._replace(history_ids=ids))
     rows = out.tokens.shape[0]
     all_tokens = jnp.zeros((self.max_rows,), jnp.int32).at[:rows].set(out.tokens)
@@ -189,28 +201,29 @@ class Runner:
     return (inputs.src.shape[0], inputs.tokens.shape[0] - inputs.src.shape[0],
             s.banned.shape[1], s.history_rows.shape[0], s.allowed.shape)
 
-  def dispatch(self, decode: Sequence[DecodeRow], chunks: Sequence[Chunk],
-               decode_samples: Sequence, chunk_samples: Sequence,
-               shape: tuple[int, int]) -> Pending:
-    """Runs one step asynchronously. `decode_samples`, `chunk_samples`: a
-    sampling.build_inputs row (or None: nobody reads it) per decode row and per
-    chunk; `shape` is the step's (decode rows, prefill tokens) bucket. Decode
-    row i samples into output row i, chunk j into row shape[0] + j."""
-    sample_rows = list(decode_samples) + [None] * (shape[0] - len(decode)) + list(chunk_samples)
-    inputs = self.build(decode, chunks, sample_rows, shape)
+  def sample_rows(self, shape: StepShape) -> int:
+    """Sample rows of a step: one per decode row (padding included), then one
+    per prefilled sequence the prefill region can hold. Decode row i samples
+    into output row i, chunk j into row shape.decode + j."""
+    tiles = shape.prefill // self.config.prefill_tile
+    return shape.decode + (min(self.config.max_prefill_batch, tiles) if tiles else 0)
+
+  def dispatch(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk],
+               sampler: sampling.SamplerInputs) -> Pending:
+    """Runs one step asynchronously; `sampler` has `sample_rows(shape)` rows."""
+    inputs = self.build(shape, decode, chunks, sampler)
     compiled = self._compiled.get(self._key(inputs)) or self._compile(inputs)
     t0 = time.perf_counter()
     self.kv, out = compiled(self.state, self.kv, self._prev_tokens, inputs)
     self._prev_tokens = out.tokens
-    want = bool(inputs.sampler.logprobs.any())
-    return Pending(out, t0, want)
+    return Pending(out, t0, bool(sampler.logprobs.any()))
 
-  def build(self, decode: Sequence[DecodeRow], chunks: Sequence[Chunk], sample_rows,
-            shape: tuple[int, int]) -> StepInputs:
-    """The host arrays of a step (numpy; whole-array operations where a row loop
-    would cost: ~12 us a row, 3 ms a step at batch 256)."""
+  def build(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk],
+            sampler: sampling.SamplerInputs) -> StepInputs:
+    """The host arrays of a step: the decode region as whole-array operations
+    (no Python per row), then a few lines per prefill chunk."""
     cfg = self.config
-    num_decode, num_prefill = shape
+    num_decode, num_prefill = shape.decode, shape.prefill
     tile, page = cfg.prefill_tile, cfg.page_size
     num_tiles = num_prefill // tile
     n = num_decode + num_prefill
@@ -223,22 +236,18 @@ class Runner:
     decode_lens = np.zeros(num_decode, np.int32)
     tile_tables = np.zeros((num_tiles, width), np.int32)
     tile_lens = np.zeros(num_tiles, np.int32)
-    num_samples = num_decode + (min(cfg.max_prefill_batch, num_tiles) if num_tiles else 0)
+    num_samples = self.sample_rows(shape)
     sample_index = np.zeros(num_samples, np.int32)
 
-    d = len(decode)
+    d = len(decode.tokens)
     if d:
-      starts = np.fromiter((r.position for r in decode), np.int32, d)
-      tokens[:d] = np.fromiter((r.token for r in decode), np.int32, d)
-      src[:d] = np.fromiter((r.src for r in decode), np.int32, d)
-      counts = np.fromiter((len(r.pages) for r in decode), np.int64, d)
-      flat = np.fromiter(itertools.chain.from_iterable(r.pages for r in decode), np.int32,
-                         int(counts.sum()))
-      first = np.repeat(np.cumsum(counts) - counts, counts)  # each entry's row start in flat
-      decode_tables[np.repeat(np.arange(d), counts), np.arange(flat.size) - first] = flat
-      positions[:d] = starts
-      slots[:d] = (decode_tables[np.arange(d), starts // page] * page + starts % page)
-      decode_lens[:d] = starts + 1
+      pos = decode.positions
+      tokens[:d] = decode.tokens
+      src[:d] = decode.src
+      decode_tables[:d] = decode.tables
+      positions[:d] = pos
+      slots[:d] = decode.tables[np.arange(d), pos // page] * page + pos % page
+      decode_lens[:d] = pos + 1
       sample_index[:d] = np.arange(d)
 
     t = 0  # next tile
@@ -258,9 +267,6 @@ class Runner:
       tile_lens[t:t + used] = ends
       sample_index[num_decode + j] = at + m - 1
       t += used
-    sampler = sampling.build_inputs(
-        list(sample_rows) + [None] * (num_samples - len(sample_rows)), num_samples,
-        self.model_config.vocab_size)
     layout = attention.StepLayout(decode_tables, decode_lens, tile_tables, tile_lens)
     return StepInputs(tokens, positions, slots, src, layout, sample_index, sampler)
 
@@ -276,16 +282,13 @@ class Runner:
   # Compilation ------------------------------------------------------------------------
 
   def _compile(self, inputs: StepInputs) -> jax.stages.Compiled:
+    t0 = time.perf_counter()
     key = self._key(inputs)
-    spec = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), inputs)
-    prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=self._replicated)
     # Weights and pools by their formats (layout + sharding), not just their shapes:
     # sub-byte arrays (int4 weights) can be laid out packed or not, and the compiled
     # step must take them as they lie.
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.format)  # noqa: E731
-    compile_now = lambda: self._jitted.lower(  # noqa: E731
-        jax.tree.map(like, self.state), jax.tree.map(like, self.kv), prev, spec).compile()
+    args = self._arg_specs(inputs, lambda x: x.format)
+    compile_now = lambda: self._jitted.lower(*args).compile()  # noqa: E731
     if self._sub_byte:
       # An ahead-of-time executable insists on the packed layout of int4 weights,
       # which arrays placed from the host do not have; jit's own dispatch adapts
@@ -300,29 +303,122 @@ class Runner:
     with self._compile_lock:
       self._compiled.setdefault(key, compiled)
       self.compilations += 1
+      self._compile_time += time.perf_counter() - t0
     return self._compiled[key]
 
-  def standard_inputs(self, shape: tuple[int, int]) -> StepInputs:
-    """Inputs of `shape` as a workload without penalties or masks sends them."""
-    return self.build([], [], [], shape)
+  def export(self, shape: StepShape, platforms: Sequence[str] = ("cuda",),
+             sampler: sampling.SamplerInputs | None = None) -> jax.export.Exported:
+    """The step of `shape` (with `sampler`'s sampling inputs, default plain ones)
+    lowered for `platforms` with jax.export, on any host (a CPU lowers for CUDA):
+    a shape or dtype that only the GPU path rejects fails here, in a CPU test,
+    rather than on a lent GPU. The Pallas kernel's Triton calls are allowed (they
+    have no compatibility guarantee across jax versions, which does not matter
+    for a check)."""
+    shape = StepShape(*shape)
+    inputs = (self.standard_inputs(shape) if sampler is None
+              else self.build(shape, self.no_decode, [], sampler))
+    args = self._arg_specs(inputs, lambda x: x.sharding)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    return jax.export.export(self._jitted, platforms=platforms, disabled_checks=checks)(*args)
 
-  def warmup(self, threads: int | None = None) -> float:
-    """Compiles every standard step shape; returns the seconds it took."""
+  def _arg_specs(self, inputs: StepInputs, placement) -> tuple:
+    """Abstract arguments of the jitted step: weights and pools placed by
+    `placement(array)`, then the previous tokens and the inputs (replicated)."""
+    spec = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), inputs)
+    prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=self._replicated)
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement(x))  # noqa: E731
+    return jax.tree.map(like, self.state), jax.tree.map(like, self.kv), prev, spec
+
+  def standard_inputs(self, shape: StepShape) -> StepInputs:
+    """Inputs of `shape` as a workload without penalties or masks sends them."""
+    shape = StepShape(*shape)
+    return self.build(shape, self.no_decode, [], sampling.inputs_for(
+        [], self.sample_rows(shape), self.model_config.vocab_size))
+
+  @property
+  def no_decode(self) -> DecodeRows:
+    empty = np.zeros(0, np.int32)
+    return DecodeRows(empty, empty, empty, np.zeros((0, self._table_width), np.int32))
+
+  def warmup(self, threads: int | None = None, *, background: bool = False) -> float:
+    """Compiles the standard step shapes; returns the seconds it took.
+
+    background=False: every shape now, in parallel threads. background=True:
+    only the cover shapes now (the largest decode-only and the largest mixed
+    shape, which every step fits in); from then on a step whose own shape is
+    not compiled runs padded into the smallest compiled shape that holds it
+    (`shape_for`), and the scheduler has its own shape compiled in a background
+    thread once the padding has cost more than compiling would
+    (`compile_later`). No step waits for a compilation either way; the second
+    way starts sooner and compiles only the shapes that pay for themselves.
+    """
     t0 = time.perf_counter()
-    todo = [self.standard_inputs(s) for s in self.config.step_shapes()]
+    shapes = self.config.step_shapes()
+    if background:
+      self._background = concurrent.futures.ThreadPoolExecutor(1, "ridgeline-compile")
+      shapes = self.cover_shapes()
+    todo = [self.standard_inputs(s) for s in shapes]
     todo = [x for x in todo if self._key(x) not in self._compiled]
     threads = threads or max(1, min(len(todo), os.cpu_count() or 1))
     if todo:
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(self._compile, todo))
+    if background and self.compile_seconds < CACHED_COMPILE_SECONDS:
+      # The cover shapes came from the persistent cache, so the others are likely
+      # there too: load them all now, in the background (~0.4 s each).
+      for shape in self.config.step_shapes():
+        self.compile_later(shape)
     return time.perf_counter() - t0
+
+  def cover_shapes(self) -> list[StepShape]:
+    """The shapes every step fits in: the largest decode-only one, and the
+    largest with prefill (which also holds any decode-only step)."""
+    cfg = self.config
+    return [StepShape(cfg.decode_buckets[-1], 0),
+            StepShape(cfg.mixed_decode_buckets[-1], cfg.prefill_token_buckets[-1])]
+
+  def shape_for(self, shape: StepShape) -> StepShape:
+    """The shape a step of `shape` runs as: its own if it is compiled, or unless
+    shapes compile in the background; else the smallest compiled standard shape
+    that holds it (a decode-only one for a decode-only step, if any)."""
+    if self._background is None or self._standard_key(shape) in self._compiled:
+      return shape
+    fits = [s for s in self._compiled_standard()
+            if s.decode >= shape.decode and s.prefill >= shape.prefill]
+    if shape.prefill == 0:  # a decode-only shape holds it without a padded prefill region
+      fits = [s for s in fits if s.prefill == 0] or fits
+    if not fits:
+      return shape  # nothing compiled holds it: dispatch compiles it now
+    return min(fits, key=lambda s: (s.prefill, s.decode))
+
+  def compile_later(self, shape: StepShape) -> None:
+    """Queues `shape` to compile in the background thread (once)."""
+    with self._compile_lock:
+      if (self._background is None or shape in self._queued
+          or self._standard_key(shape) in self._compiled):
+        return
+      self._queued.add(shape)
+    self._background.submit(self._compile, self.standard_inputs(shape))
+
+  @property
+  def compile_seconds(self) -> float:
+    """The mean wall seconds a variant took to compile so far (2 before any)."""
+    return self._compile_time / self.compilations if self.compilations else 2.0
+
+  def _standard_key(self, shape: StepShape) -> tuple:
+    return (shape.decode, shape.prefill) + self._standard_tail
+
+  def _compiled_standard(self) -> list[StepShape]:
+    tail = self._standard_tail
+    return [StepShape(k[0], k[1]) for k in list(self._compiled) if k[2:] == tail]
 
   @property
   def variants(self) -> set[tuple]:
     """Shape keys compiled so far."""
     return set(self._compiled)
 
-  def hlo_text(self, shape: tuple[int, int]) -> str:
+  def hlo_text(self, shape: StepShape) -> str:
     inputs = self.standard_inputs(shape)
     return (self._compiled.get(self._key(inputs)) or self._compile(inputs)).as_text()
 
@@ -332,14 +428,23 @@ class Runner:
     """One greedy step over `rows` (one token: decode; more: a prefill chunk that
     samples), outside the scheduler; returns the device array of sampled tokens."""
     cfg = self.config
-    decode = [DecodeRow(r.tokens[0], -1, r.start, r.pages) for r in rows if len(r.tokens) == 1]
-    chunks = [Chunk(r.tokens, r.start, r.pages, True) for r in rows if len(r.tokens) > 1]
+    one = [r for r in rows if len(r.tokens) == 1]
+    chunks = [Chunk(np.asarray(r.tokens, np.int32), r.start, np.asarray(r.pages, np.int32),
+                    True) for r in rows if len(r.tokens) > 1]
+    tables = np.zeros((len(one), self._table_width), np.int32)
+    for i, r in enumerate(one):
+      tables[i, :len(r.pages)] = r.pages
+    decode = DecodeRows(np.asarray([r.tokens[0] for r in one], np.int32),
+                        np.full(len(one), -1, np.int32),
+                        np.asarray([r.start for r in one], np.int32), tables)
     prefill = sum(-(-len(c.tokens) // cfg.prefill_tile) * cfg.prefill_tile for c in chunks)
     if chunks:
-      shape = (config_lib.bucket(len(decode), cfg.mixed_decode_buckets),
-               config_lib.bucket(prefill, cfg.prefill_token_buckets))
+      shape = StepShape(config_lib.bucket(len(one), cfg.mixed_decode_buckets),
+                        config_lib.bucket(prefill, cfg.prefill_token_buckets))
     else:
-      shape = (config_lib.bucket(len(decode), cfg.decode_buckets), 0)
-    greedy = (sampling.SamplingParams(temperature=0), 0, 0, [], [], [])
-    return self.dispatch(decode, chunks, [greedy] * len(decode), [greedy] * len(chunks),
-                         shape).output.tokens
+      shape = StepShape(config_lib.bucket(len(one), cfg.decode_buckets), 0)
+    greedy = sampling.SampleRow(sampling.SamplingParams(temperature=0))
+    rows_ = ([greedy] * len(one) + [None] * (shape.decode - len(one))
+             + [greedy] * len(chunks))
+    sampler = sampling.inputs_for(rows_, self.sample_rows(shape), self.model_config.vocab_size)
+    return self.dispatch(shape, decode, chunks, sampler).output.tokens

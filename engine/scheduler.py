@@ -1,12 +1,11 @@
 """The host loop: admission, waiting and running sequences, one step per iteration.
 
 A request becomes one sequence (n sequences once its prompt is computed, for
-`n > 1`). A sequence's tokens are `prompt + output`; `num_computed` of them have
-their K/V computed (or being computed by a dispatched step), and `inflight`
-more have been sampled by a dispatched step that the host has not read yet.
-What a sequence needs next follows from those numbers:
+`n > 1`). A started sequence holds a slot of the live batch
+(engine/live_batch.py), where its tokens, counts and limits are numpy columns;
+what it needs next follows from them:
 
-  pending = prompt + output + inflight - num_computed
+  pending = n_prompt + n_out + inflight - computed
   pending > 1   the sequence is prefilling: its next chunk runs in the prefill
                 region of a step (a new prompt, or a preempted sequence recomputing)
   pending == 1  the sequence decodes: its last token runs as a decode row
@@ -19,8 +18,15 @@ the device fills it in. A stop (EOS, a stop string) is therefore seen one step
 late: the sequence's row in step N+1 is computed and its token dropped; no
 output ever holds a token past its stop. max_tokens and the model length are
 known in advance, so those rows are never dispatched. A penalty history takes
-the token in flight the same way (sampling.SamplerInputs), so the host never
-waits for a step before dispatching the next.
+the token in flight the same way (sampling.History), so the host never waits
+for a step before dispatching the next.
+
+The host's work per step does not grow by Python statements per row: the decode
+rows are a mask over the live batch's columns, their inputs are gathers, reading
+their tokens is one scatter, and EOS, stop ids and max_tokens are found with
+whole-array comparisons. Python runs per row only for the rows that need it in
+that step: a page filled (published to the prefix cache), text to stream or stop
+strings to check, log-probabilities to record, a first token, a finish.
 
 The planner (engine/planner.py) sizes each step: every ready decode row first,
 then prefill chunks in arrival order (FCFS) up to the token budget. When a
@@ -29,25 +35,31 @@ preempted: its pages are freed (full ones stay in the prefix cache) and it goes
 back to the front of the queue with its generated tokens, to be recomputed
 later. Nothing is lost, and a greedy output is unchanged. Pages, prefix lookups,
 publishing and forks go through the KV-cache manager (engine/kv_cache.py);
-tokens, text and stops through engine/outputs.py.
+text and stop strings through engine/outputs.py.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Callable, Sequence
+
+import numpy as np
 
 from engine import config as config_lib
 from engine import kv_cache
 from engine import outputs
 from engine import roofline
-from engine.config import EngineConfig
+from engine import sampling
+from engine.config import EngineConfig, StepShape
+from engine.live_batch import LiveBatch
 from engine.metrics import Metrics
 from engine.planner import Planner
-from engine.runner import Chunk, DecodeRow, Pending, Runner
+from engine.runner import Chunk, DecodeRows, Pending, Runner
 from engine.sampling import SamplingParams
+from engine.util import ceil_div
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +71,7 @@ class Request:
   seed: int
   max_tokens: int
   detokenizer_factory: Callable[[], object] | None = None
+  stream: bool = False  # deltas as tokens come (else one at the end)
   seqs: list["Seq"] = dataclasses.field(default_factory=list)
   forked: bool = False
   first_scheduled_time: float | None = None
@@ -70,55 +83,61 @@ class Request:
     return all(s.finished for s in self.seqs)
 
   def metrics(self) -> outputs.RequestMetrics:
-    n_out = max((len(s.out.token_ids) for s in self.seqs), default=0)
+    n_out = max((s.num_output for s in self.seqs), default=0)
     return outputs.request_metrics(self.arrival_time, self.first_scheduled_time,
                                    self.first_token_time, self.finish_time, n_out)
 
 
 @dataclasses.dataclass(eq=False)
 class Seq:
-  """One completion of a request."""
+  """One completion of a request: its slot in the live batch while it has one,
+  its tokens kept here once it has finished."""
 
   request: Request
   index: int
   seed: int
   out: outputs.Completion
+  batch: LiveBatch
   arrival_order: int = 0
-  pages: list[int] = dataclasses.field(default_factory=list)
-  page_keys: list[bytes] = dataclasses.field(default_factory=list)  # of full computed pages
-  num_computed: int = 0
-  inflight: int = 0  # sampled by dispatched steps, not yet read
-  last_row: int = -1  # the output row of the latest step that samples for it
+  slot: int = -1
+  final_ids: list[int] | None = None
 
   @property
   def finished(self) -> bool:
     return self.out.finished
 
-  @property
-  def tokens(self) -> list[int]:
-    """The resolved tokens."""
-    return self.request.prompt_ids + self.out.token_ids
+  def output_view(self) -> np.ndarray | list[int]:
+    """The output tokens read so far (a view of the live batch while it runs)."""
+    if self.final_ids is not None:
+      return self.final_ids
+    if self.slot < 0:
+      return []
+    b, s = self.batch, self.slot
+    n = int(b.n_prompt[s])
+    return b.tokens[s, n:n + int(b.n_out[s])]
 
   @property
-  def last_token(self) -> int:
-    """The latest resolved token (without building `tokens`)."""
-    return self.out.token_ids[-1] if self.out.token_ids else self.request.prompt_ids[-1]
+  def token_ids(self) -> list[int]:
+    ids = self.output_view()
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
 
   @property
-  def num_tokens(self) -> int:
-    return len(self.request.prompt_ids) + len(self.out.token_ids) + self.inflight
+  def num_output(self) -> int:
+    return len(self.output_view())
 
   @property
-  def pending(self) -> int:
-    return self.num_tokens - self.num_computed
+  def inflight(self) -> int:
+    return int(self.batch.inflight[self.slot]) if self.slot >= 0 else 0
 
 
 @dataclasses.dataclass
 class _Step:
-  """A dispatched step and what its rows belong to."""
+  """A dispatched step and what its sampled rows belong to."""
 
   pending: Pending
-  rows: list[tuple[Seq, int]]  # (sequence, output row) of every sample that is read
+  shape: StepShape
+  slots: np.ndarray  # [k] slot of every sample row that is read
+  rows: np.ndarray  # [k] its output row
   kind: str
   decode_rows: int
   tokens: int
@@ -134,17 +153,24 @@ class Scheduler:
     self.config = config
     self.planner = planner
     self.metrics = metrics
-    self.kv = kv_cache.KVCacheManager(runner.num_pages, config.page_size)
+    self.kv = kv_cache.KVCacheManager(runner.num_pages, config.page_size,
+                                      config.max_pages_per_seq)
+    self.batch = LiveBatch(config.max_batch, config.max_model_len, self.kv,
+                           runner.model_config.vocab_size)
     # Keys older than this many positions are never read again (None: they are).
     self.kv_window = runner.model_config.kv_window
-    self.eos_ids = list(eos_ids)
+    self.eos_ids = frozenset(int(t) for t in eos_ids)
     self.waiting: collections.deque[Seq] = collections.deque()
-    self.running: list[Seq] = []  # sequences holding pages, in arrival order
+    self.num_running = 0  # sequences holding pages
     self.requests: dict[str, Request] = {}
     self._arrivals = 0
     self._inflight: _Step | None = None
+    self._to_free: set[int] = set()  # finished slots with a token still in flight
+    self._padding: collections.Counter = collections.Counter()  # seconds run padded, by shape
+    self._measured: dict[StepShape, float] = {}  # the last step time of each shape run
     self._last_ready = 0.0
-    self.last_decode_batch = 0
+    self.last_decode_batch = 0  # decode rows of the step dispatched last
+    self.last_kind: str | None = None  # "decode", "prefill", "mixed"; None: no step
 
   @property
   def allocator(self) -> kv_cache.PageAllocator:
@@ -161,11 +187,20 @@ class Scheduler:
     self.waiting.append(seq)
 
   def _new_seq(self, request: Request, index: int, seed: int) -> Seq:
-    detok = request.detokenizer_factory() if request.detokenizer_factory else None
-    seq = Seq(request, index, seed, outputs.Completion(request.params, self.eos_ids,
-                                                       request.max_tokens, detok))
+    out = outputs.Completion(request.params, request.detokenizer_factory, request.stream)
+    seq = Seq(request, index, seed, out, self.batch)
     request.seqs.append(seq)
     return seq
+
+  def _stop_ids(self, params: SamplingParams) -> np.ndarray:
+    """Ids that end a sequence (and that min_tokens bans)."""
+    eos = () if params.ignore_eos else sorted(self.eos_ids)
+    return np.asarray(list(dict.fromkeys([*eos, *params.stop_token_ids])), np.int32)
+
+  def _start(self, seq: Seq) -> int:
+    seq.slot = self.batch.acquire(seq, np.asarray(seq.request.prompt_ids, np.int32),
+                                  self._stop_ids(seq.request.params))
+    return seq.slot
 
   def abort(self, request_id: str) -> bool:
     request = self.requests.get(request_id)
@@ -173,242 +208,350 @@ class Scheduler:
       return False
     for seq in request.seqs:
       if not seq.finished:
-        seq.out.finish("abort")
-        self._finish(seq)
+        self._finish(seq, "abort")
     return True
 
   def has_work(self) -> bool:
-    return bool(self.waiting or self.running or self._inflight)
+    return bool(self.waiting or self.num_running or self._inflight)
 
   # The step -------------------------------------------------------------------
 
   def step(self) -> list[outputs.StreamOutput]:
-    """Dispatches the next step, then reads the previous one; returns its deltas."""
-    touched: list[Seq] = []
+    """Dispatches the next step, then reads the previous one. Returns the deltas
+    it produced: for streaming sequences as their tokens come, and one for every
+    sequence that finished (for the others, their whole output)."""
+    t0 = time.perf_counter()
     evictions = self.allocator.evictions
     new = self._dispatch()
-    if self._inflight is not None:
-      touched += self._collect(self._inflight)
+    deltas, wait = self._collect(self._inflight) if self._inflight is not None else ([], 0.0)
     self._inflight = new
     self.metrics.evictions.inc(self.allocator.evictions - evictions)
-    self.metrics.set_load(len(self.running), len(self.waiting), self.kv.utilization())
-    deltas = (s.out.delta(s.request.request_id, s.index) for s in dict.fromkeys(touched))
-    return [d for d in deltas if d is not None]
-
-  def _can_grow(self, seq: Seq) -> bool:
-    """Whether another token may be sampled (known before any token is read)."""
-    return (len(seq.out.token_ids) + seq.inflight < seq.request.max_tokens
-            and seq.num_tokens < self.config.max_model_len)
+    self.metrics.set_load(self.num_running, len(self.waiting), self.kv.utilization())
+    self.metrics.on_host_step(time.perf_counter() - t0, wait)
+    return deltas
 
   def _dispatch(self) -> _Step | None:
-    cfg = self.config
-    ready = [s for s in self.running if s.pending == 1 and self._can_grow(s)]
-    plan = self.planner.plan([s.num_computed for s in ready])
-    decode = self._schedule_decode(ready[:plan.decode_batch])
+    cfg, b = self.config, self.batch
+    run = b.running_slots()
+    pending = b.num_tokens(run) - b.computed[run]
+    ready = run[(pending == 1) & (b.n_out[run] + b.inflight[run] < b.limit[run])]
+    plan = self.planner.plan(b.computed[ready])
+    self._make_decode_room(ready[:plan.decode_batch])
     chunks = self._schedule_prefill(plan.prefill_budget // cfg.prefill_tile or 1, [])
     # Decode rows were chosen first; making room for a chunk may not preempt them,
     # but one preempted for another decode row is dropped here.
-    running = {id(s) for s in self.running}
-    decode = [s for s in decode if id(s) in running]
-    if not decode and not chunks:
+    decode = ready[:plan.decode_batch]
+    decode = decode[b.running[decode]]
+    if not len(decode) and not chunks:
+      self.last_kind = None
       return None
     tile = cfg.prefill_tile
     prefill = 0
     if chunks:
-      used = sum(-(-c // tile) for _, c in chunks)
+      used = sum(ceil_div(c, tile) for _, c in chunks)
       prefill = config_lib.bucket(used * tile, cfg.prefill_token_buckets)
       if prefill > used * tile:  # padding would run anyway: fill it with real work
         chunks = self._schedule_prefill(prefill // tile - used, chunks)
-        used = sum(-(-c // tile) for _, c in chunks)
+        used = sum(ceil_div(c, tile) for _, c in chunks)
         prefill = config_lib.bucket(used * tile, cfg.prefill_token_buckets)
     buckets = cfg.mixed_decode_buckets if chunks else cfg.decode_buckets
-    shape = (config_lib.bucket(len(decode), buckets), prefill)
+    shape = StepShape(config_lib.bucket(len(decode), buckets), prefill)
+    run_as = self.runner.shape_for(shape)
+    if run_as != shape:
+      # Run padded until the padding has cost what compiling the step's own shape
+      # costs, then compile that in the background. The padding's cost: the
+      # padded shape's measured step time (its roofline time until measured)
+      # times the share of its roofline time that is padding.
+      context = float(b.computed[decode].mean()) if len(decode) else 0.0
+      padded = self.planner.shape_seconds(run_as, context)
+      share = 1 - self.planner.shape_seconds(shape, context) / padded if padded else 0.0
+      self._padding[shape] += share * self._measured.get(run_as, padded)
+      if self._padding[shape] >= self.runner.compile_seconds:
+        self.runner.compile_later(shape)
+      shape = run_as
     self.last_decode_batch = len(decode)
+    self.last_kind = "decode" if not chunks else ("prefill" if not len(decode) else "mixed")
     return self._launch(decode, chunks, shape)
 
-  def _schedule_decode(self, ready: list[Seq]) -> list[Seq]:
-    scheduled = []
-    # Membership by identity set: `seq in self.running` scans the list, which made
-    # this loop quadratic (~5 ms a step at batch 512). Preemption only shrinks
-    # `running`, so the set is rebuilt when its length changes.
-    running, size = set(), -1
-    for seq in ready:
-      if len(self.running) != size:
-        running, size = {id(s) for s in self.running}, len(self.running)
-      if id(seq) in running and self._make_room(seq, seq.num_tokens):
-        scheduled.append(seq)
-    return scheduled
+  def _make_decode_room(self, decode: np.ndarray) -> None:
+    """Pages for the decode rows that cross a page boundary this step (one row
+    in page_size), oldest first; may preempt the newest running sequences."""
+    b = self.batch
+    n_tok = b.num_tokens(decode)
+    crossing = self.kv.num_pages[decode] * self.config.page_size < n_tok
+    for slot, n in zip(decode[crossing], n_tok[crossing]):
+      if b.running[slot]:  # not preempted for an older row meanwhile
+        self._make_room(int(slot), int(n))
 
-  def _schedule_prefill(self, tiles: int, chosen: list[tuple[Seq, int]]
-                        ) -> list[tuple[Seq, int]]:
-    """Adds prompt chunks of at most `tiles` prefill tiles in all to `chosen`."""
-    cfg = self.config
+  def _schedule_prefill(self, tiles: int, chosen: list[tuple[int, int]]
+                        ) -> list[tuple[int, int]]:
+    """Adds prompt chunks of at most `tiles` prefill tiles in all to `chosen`
+    ((slot, tokens) pairs)."""
+    cfg, b = self.config, self.batch
     tile = cfg.prefill_tile
     chosen = list(chosen)
-    taken = {id(s) for s, _ in chosen}
-    # Sequences already running but mid-prompt go first, then the queue in order.
-    candidates = [s for s in self.running if s.pending > 1 and id(s) not in taken]
-    candidates += [s for s in self.waiting if not s.inflight]
+    taken = {s for s, _ in chosen}
+    # Sequences already running but mid-prompt go first, then the queue in order
+    # (a queued sequence whose last token is still in flight waits for it). Every
+    # queued candidate but the last is admitted, so a few are enough.
+    run = b.running_slots()
+    mid_prompt = run[b.num_tokens(run) - b.computed[run] > 1]
+    queued = itertools.islice((s for s in self.waiting if not s.inflight),
+                              cfg.max_prefill_batch + 1)
+    candidates = [b.seqs[s] for s in mid_prompt if s not in taken] + list(queued)
     for seq in candidates:
       if len(chosen) == cfg.max_prefill_batch or tiles <= 0:
         break
-      fresh = seq not in self.running
+      fresh = seq.slot < 0 or not b.running[seq.slot]
+      new = seq.slot < 0
       if fresh:
-        if len(self.running) >= cfg.max_batch:
+        if self.num_running >= cfg.max_batch:
           break
-        hit = self.kv.reuse_prefix(seq, seq.tokens)
-        self.metrics.prefix_queries.inc(len(seq.tokens))
-        self.metrics.prefix_hits.inc(hit)
-      chunk = min(seq.pending, tiles * tile)
-      if not self._make_room(seq, seq.num_computed + chunk, may_preempt=not fresh):
+        slot = seq.slot if not new else self._start(seq)
+        b.computed[slot] = self.kv.reuse_prefix(slot, b.resolved(slot))
+      slot = seq.slot
+      chunk = min(int(b.num_tokens(slot) - b.computed[slot]), tiles * tile)
+      if not self._make_room(slot, int(b.computed[slot]) + chunk, may_preempt=not fresh):
         if fresh:
-          self.kv.release(seq)
+          self.kv.release(slot)
+          b.computed[slot] = 0
+          if new:  # a queued sequence holds no slot
+            b.free(slot)
+            seq.slot = -1
           break  # FCFS: a later, smaller request does not jump the queue
         continue
       if fresh:
         self.waiting.remove(seq)
-        self.running.append(seq)
+        b.running[slot] = True
+        self.num_running += 1
+        self.metrics.prefix_queries.inc(int(b.n_prompt[slot] + b.n_out[slot]))
+        self.metrics.prefix_hits.inc(int(b.computed[slot]))
         seq.request.first_scheduled_time = (seq.request.first_scheduled_time
                                             or time.perf_counter())
-      chosen.append((seq, chunk))
-      tiles -= -(-chunk // tile)
+      chosen.append((slot, chunk))
+      tiles -= ceil_div(chunk, tile)
     # Making room may have preempted sequences chosen earlier in this loop.
-    running = {id(s) for s in self.running}
-    return [(s, c) for s, c in chosen if id(s) in running]
+    return [(s, c) for s, c in chosen if b.running[s]]
 
-  def _make_room(self, seq: Seq, num_tokens: int, may_preempt: bool = True) -> bool:
-    """Gives `seq` pages for its first `num_tokens` tokens.
+  def _make_room(self, slot: int, num_tokens: int, may_preempt: bool = True) -> bool:
+    """Gives `slot` pages for its first `num_tokens` tokens.
 
     When the pool is exhausted and `may_preempt`, the newest running sequence is
-    preempted until enough pages are free; if that is `seq` itself, `seq` is
-    preempted and False returned. The engine guarantees the pool holds one
-    sequence of the maximum model length, so the oldest sequence always runs.
+    preempted until enough pages are free; if that is this one, it is preempted
+    and False returned. The engine guarantees the pool holds one sequence of the
+    maximum model length, so the oldest sequence always runs.
     """
-    while not self.kv.allocate(seq, num_tokens):
-      if not may_preempt or not self.running:
+    b = self.batch
+    while not self.kv.allocate(slot, num_tokens):
+      if not may_preempt or not self.num_running:
         return False
-      victim = max(self.running, key=lambda s: s.arrival_order)
+      run = np.flatnonzero(b.running)
+      victim = int(run[np.argmax(b.order[run])])
       self._preempt(victim)
-      if victim is seq:
+      if victim == slot:
         return False
     return True
 
-  def _preempt(self, seq: Seq) -> None:
-    """Returns `seq` to the front of the queue; its full pages stay in the prefix
-    cache, so the recomputation later reuses whatever was not evicted meanwhile.
-    A token it has in flight is still read (it was computed from intact pages);
-    until then it is not prefilled again."""
-    self.kv.release(seq)
-    self.running.remove(seq)
-    self.waiting.appendleft(seq)
+  def _preempt(self, slot: int) -> None:
+    """Returns a sequence to the front of the queue, keeping its slot (and so its
+    tokens); its full pages stay in the prefix cache, so the recomputation later
+    reuses whatever was not evicted meanwhile. A token it has in flight is still
+    read (it was computed from intact pages); until then it is not prefilled again."""
+    b = self.batch
+    self.kv.release(slot)
+    b.computed[slot] = 0
+    b.running[slot] = False
+    self.num_running -= 1
+    self.waiting.appendleft(b.seqs[slot])
     self.metrics.preemptions.inc()
 
-  def _launch(self, decode: list[Seq], chunks: list[tuple[Seq, int]],
-              shape: tuple[int, int]) -> _Step:
-    decode_rows = []
-    for s in decode:
-      known = s.inflight == 0
-      decode_rows.append(DecodeRow(s.last_token if known else 0, -1 if known else s.last_row,
-                                   s.num_tokens - 1, s.pages))
+  def _launch(self, decode: np.ndarray, chunks: list[tuple[int, int]],
+              shape: StepShape) -> _Step:
+    b, kv = self.batch, self.kv
+    d = len(decode)
+    n_tok = b.num_tokens(decode)
+    known = b.inflight[decode] == 0
+    last = b.tokens[decode, np.maximum(n_tok - 1, 0)]
+    rows = DecodeRows(np.where(known, last, 0).astype(np.int32),
+                      np.where(known, -1, b.last_row[decode]).astype(np.int32),
+                      (n_tok - 1).astype(np.int32), kv.tables[decode])
     chunk_rows = []
     for s, c in chunks:
-      start = s.num_computed
-      chunk_rows.append(Chunk(s.tokens[start:start + c], start, s.pages,
-                              start + c == s.num_tokens))
-    decode_samples = [self._sample_row(s) for s in decode]
-    chunk_samples = [self._sample_row(s) if c.sample else None
-                     for (s, _), c in zip(chunks, chunk_rows)]
-    cost_rows = ([(s.num_tokens - 1, 1) for s in decode]
-                 + [(s.num_computed, c) for s, c in chunks])
-    pending = self.runner.dispatch(decode_rows, chunk_rows, decode_samples, chunk_samples,
-                                   shape)
-    rows = []
+      start = int(b.computed[s])
+      chunk_rows.append(Chunk(b.tokens[s, start:start + c], start, kv.pages(s),
+                              start + c == b.num_tokens(s)))
+    sampled = [(shape.decode + j, s) for j, ((s, _), ch) in enumerate(zip(chunks, chunk_rows))
+               if ch.sample]
+    sampler = self._sampler_inputs(decode, sampled, shape)
+    cost_rows = np.concatenate([np.stack([n_tok - 1, np.ones(d, np.int64)], 1),
+                                np.asarray([(b.computed[s], c) for s, c in chunks],
+                                           np.int64).reshape(-1, 2)])
+    pending = self.runner.dispatch(shape, rows, chunk_rows, sampler)
     if self.kv_window is not None:
       # Pages the window has passed for good (the dispatched step has read them;
       # a later step that reuses them runs after it).
-      for s in decode + [s for s, _ in chunks]:
-        self.kv.release_before(s, s.num_computed + 1 - self.kv_window)
-    for i, s in enumerate(decode):
-      s.num_computed += 1
-      s.inflight += 1
-      s.last_row = i
-      rows.append((s, i))
-    for j, ((s, c), row) in enumerate(zip(chunks, chunk_rows)):
-      s.num_computed += c
-      self.kv.publish(s, s.tokens)
-      if row.sample:
-        s.inflight += 1
-        s.last_row = shape[0] + j
-        rows.append((s, shape[0] + j))
-        if s.request.params.n > 1 and not s.request.forked:
-          self._fork(s)
-    kind = "decode" if not chunks else ("prefill" if not decode else "mixed")
-    tokens = len(decode) + sum(c for _, c in chunks)
-    return _Step(pending, rows, kind, len(decode), tokens, self.planner.cost(cost_rows))
+      slots = np.concatenate([decode, np.asarray([s for s, _ in chunks], np.int64)])
+      pos = b.computed[slots] + 1 - self.kv_window
+      passed = np.maximum(pos, 0) // self.config.page_size > kv.released[slots]
+      for s, p in zip(slots[passed], pos[passed]):
+        kv.release_before(int(s), int(p))
+    b.computed[decode] += 1
+    b.inflight[decode] += 1
+    b.last_row[decode] = np.arange(d)
+    for s, c in chunks:
+      b.computed[s] += c
+      kv.publish(s, b.tokens[s], int(min(b.computed[s], b.n_prompt[s] + b.n_out[s])))
+    for row, s in sampled:
+      b.inflight[s] += 1
+      b.last_row[s] = row
+      request = b.seqs[s].request
+      if request.params.n > 1 and not request.forked:
+        self._fork(s)
+    tokens = d + sum(c for _, c in chunks)
+    read_slots = np.concatenate([decode, np.asarray([s for _, s in sampled], np.int64)])
+    read_rows = np.concatenate([np.arange(d), np.asarray([r for r, _ in sampled], np.int64)])
+    return _Step(pending, shape, read_slots, read_rows, self.last_kind, d, tokens,
+                 self.planner.cost(cost_rows))
 
-  def _sample_row(self, seq: Seq):
-    # The output position counts the token in flight too: a seeded sequence draws
-    # the same key for its k-th token however the steps fell.
-    # A token in flight is in the penalty history as the output row that holds it.
-    return (seq.request.params, seq.seed, len(seq.out.token_ids) + seq.inflight,
-            seq.out.banned_ids(), seq.request.prompt_ids, seq.out.token_ids,
-            seq.last_row if seq.inflight else -1)
+  def _sampler_inputs(self, decode: np.ndarray, sampled: list[tuple[int, int]],
+                      shape: StepShape) -> sampling.SamplerInputs:
+    """The step's sample rows: gathers of the live batch's columns. The output
+    position counts the token in flight too: a seeded sequence draws the same key
+    for its k-th token however the steps fell, and min_tokens bans the stop ids
+    up to the same position (a preempted sequence that recomputes samples with
+    nothing in flight; the ban must end where it would have)."""
+    b = self.batch
+    row_slots = np.full(self.runner.sample_rows(shape), -1, np.int64)
+    row_slots[:len(decode)] = decode
+    for row, s in sampled:
+      row_slots[row] = s
+    live = row_slots >= 0
+    at = np.where(live, row_slots, 0)
+    index = np.where(live, b.n_out[at] + b.inflight[at], 0)
+    banned = np.where((live & (index < b.min_tokens[at]))[:, None], b.stop_ids[at], -1)
+    histories = {}
+    for row in np.flatnonzero(live & b.penalized[at]):
+      s = int(row_slots[row])
+      n = int(b.n_prompt[s])
+      histories[int(row)] = sampling.History(
+          b.tokens[s, :n], b.tokens[s, n:n + int(b.n_out[s])],
+          int(b.last_row[s]) if b.inflight[s] else -1)
+    return b.sampling.inputs(row_slots, index, banned, histories)
 
-  def _fork(self, parent: Seq) -> None:
+  def _fork(self, parent: int) -> None:
     """Creates the other n-1 samples of a request once its prompt is dispatched:
     they share the prompt's full pages (all but the last token's) and compute the
     rest themselves, each drawing its own first token."""
-    request = parent.request
+    b = self.batch
+    request = b.seqs[parent].request
     request.forked = True
     for k in range(1, request.params.n):
       child = self._new_seq(request, k, _child_seed(request.seed, k))
-      child.arrival_order = parent.arrival_order
-      self.kv.fork(parent, child, len(request.prompt_ids) - 1)
-      self.running.append(child)
+      child.arrival_order = b.seqs[parent].arrival_order
+      slot = self._start(child)
+      b.computed[slot] = self.kv.fork(parent, slot, len(request.prompt_ids) - 1)
+      b.running[slot] = True
+      self.num_running += 1
 
-  def _collect(self, step: _Step) -> list[Seq]:
-    """Reads a dispatched step's tokens into its sequences; returns those touched."""
+  def _collect(self, step: _Step) -> tuple[list[outputs.StreamOutput], float]:
+    """Reads a dispatched step's tokens into the live batch; returns the deltas
+    and the seconds the host waited for the device."""
+    t0 = time.perf_counter()
     tokens, logprobs = self.runner.read(step.pending)
     now = time.perf_counter()
     seconds = now - max(self._last_ready, step.pending.dispatched_at)
     self._last_ready = now
+    self._measured[step.shape] = seconds
     peaks, dtype = self.planner.peaks, self.planner.dtype
     self.metrics.on_step(step.kind, step.decode_rows, step.tokens, step.cost.flops,
                          step.cost.bytes, seconds, roofline.mfu(step.cost, seconds, peaks, dtype),
                          roofline.mbu(step.cost, seconds, peaks))
-    touched = []
-    for seq, row in step.rows:
-      seq.inflight -= 1
-      if seq.finished:
-        continue  # stopped on an earlier token, or aborted: this one is dropped
-      token = int(tokens[row])
-      k = seq.request.params.logprobs
-      entry = None
-      if k is not None:
-        logprob, top_ids, top_lp = logprobs
-        entry = {token: float(logprob[row])}
-        entry.update({int(t): float(v) for t, v in zip(top_ids[row, :k], top_lp[row, :k])})
-      if seq.request.first_token_time is None:
-        seq.request.first_token_time = now
-      self.metrics.generated_tokens.inc()
-      total = len(seq.request.prompt_ids) + len(seq.out.token_ids) + 1
-      try:
-        ended = seq.out.append(token, entry, total, self.config.max_model_len) is not None
-      except Exception as e:  # noqa: BLE001 -- e.g. a detokenizer error: this sequence only
-        seq.out.fail(f"{type(e).__name__} while handling token {token}: {e}")
-        ended = True
-      if ended:
-        self._finish(seq)
-      elif (min(seq.num_computed, seq.num_tokens - seq.inflight) // self.config.page_size
-            > len(seq.page_keys)):  # a page filled: publish it (rarely, so `tokens` is built)
-        self.kv.publish(seq, seq.tokens)
-      touched.append(seq)
-    return touched
+    b, ps = self.batch, self.config.page_size
+    b.inflight[step.slots] -= 1
+    alive = ~b.finished[step.slots]  # else stopped on an earlier token, or aborted
+    slots, rows = step.slots[alive], step.rows[alive]
+    tok = tokens[rows]
+    at = b.n_prompt[slots] + b.n_out[slots]
+    b.tokens[slots, at] = tok
+    b.n_out[slots] += 1
+    self.metrics.generated_tokens.inc(len(slots))
+    stop = (b.stop_ids[slots] == tok[:, None]).any(axis=1)
+    length = b.n_out[slots] >= b.limit[slots]
+    filled = np.minimum(b.computed[slots], at + 1) // ps > self.kv.num_keys[slots]
+    special = (stop | length | filled | (b.n_out[slots] == 1) | b.needs_text[slots]
+               | (b.logprobs[slots] >= 0))
+    deltas = []
+    for i in np.flatnonzero(special):
+      seq = self._handle(int(slots[i]), int(tok[i]), int(rows[i]), bool(stop[i]),
+                         bool(length[i]), now, logprobs)
+      if seq is not None and (seq.request.stream or seq.finished):
+        d = seq.out.delta(seq.request.request_id, seq.index, seq.output_view())
+        if d is not None:
+          deltas.append(d)
+    for s in [s for s in self._to_free if b.inflight[s] == 0]:
+      self._to_free.discard(s)
+      b.free(s)
+    return deltas, now - t0
 
-  def _finish(self, seq: Seq) -> None:
-    self.kv.release(seq)
-    if seq in self.running:
-      self.running.remove(seq)
+  def _handle(self, slot: int, token: int, row: int, stop: bool, length: bool, now: float,
+              logprobs) -> Seq | None:
+    """The per-row work of a row that needs it; returns the sequence if it has
+    something to emit (new text, or its end)."""
+    b = self.batch
+    seq = b.seqs[slot]
+    out, request = seq.out, seq.request
+    if request.first_token_time is None:
+      request.first_token_time = now
+    k = int(b.logprobs[slot])
+    if k >= 0:
+      logprob, top_ids, top_lp = logprobs
+      entry = {token: float(logprob[row])}
+      entry.update({int(t): float(v) for t, v in zip(top_ids[row, :k], top_lp[row, :k])})
+      out.logprobs.append(entry)
+    eos = stop and token in self.eos_ids and not request.params.ignore_eos
+    reason = "stop" if stop else None
+    if stop and not eos:
+      out.stop_reason = token  # a stop id (EOS leaves it None)
+    try:
+      if b.needs_text[slot]:
+        reason = out.push(token, int(b.n_out[slot]), eos, stop and not eos) or reason
+    except Exception as e:  # noqa: BLE001 -- e.g. a detokenizer error: this sequence only
+      out.fail(f"{type(e).__name__} while handling token {token}: {e}")
+      reason = "error"
+    if reason is None and length:
+      reason = "length"
+    if reason is not None:
+      self._finish(seq, reason, eos)
+      return seq
+    upto = int(min(b.computed[slot], b.n_prompt[slot] + b.n_out[slot]))
+    if upto // self.config.page_size > self.kv.num_keys[slot]:  # a page filled
+      self.kv.publish(slot, b.tokens[slot], upto)
+    return seq if b.needs_text[slot] else None
+
+  def _finish(self, seq: Seq, reason: str, eos: bool = False) -> None:
+    """Ends a sequence: its text (once, if it was not made token by token), its
+    pages freed, its slot freed once nothing of it is in flight."""
+    b = self.batch
+    slot = seq.slot
+    ids = b.output_ids(slot) if slot >= 0 else []
+    if reason != "error":  # (an error was recorded by the caller)
+      try:
+        seq.out.finish(reason, ids, eos)
+      except Exception as e:  # noqa: BLE001 -- a detokenizer error: this sequence only
+        seq.out.fail(f"{type(e).__name__} while decoding the output: {e}")
+    seq.final_ids = ids
+    if slot >= 0:
+      b.finished[slot] = True
+      if b.running[slot]:
+        self.kv.release(slot)
+        b.computed[slot] = 0
+        b.running[slot] = False
+        self.num_running -= 1
+      if b.inflight[slot]:
+        self._to_free.add(slot)
+      else:
+        b.free(slot)
+      seq.slot = -1
     if seq in self.waiting:
       self.waiting.remove(seq)
     request = seq.request

@@ -75,6 +75,7 @@ class _Sub:
   prompt: Any
   params: SamplingParams
   want_logprobs: bool
+  stream: bool  # deltas as tokens come (else the engine hands out one at the end)
   post: Callable[[tuple], None]
   emitted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -89,9 +90,11 @@ class EngineLoop:
     ("done", slot, RequestOutput)
   """
 
-  def __init__(self, engine, warmup: bool = True):
+  def __init__(self, engine, warmup: bool | str = True):
     self.engine = engine
-    self._warmup_enabled = warmup
+    # True or "all": every step variant before /health says ready; "background":
+    # the cover shapes (Engine.warmup); False or "none": nothing.
+    self._warmup = {True: "all", False: "none"}.get(warmup, warmup)
     self._inbox: queue.Queue = queue.Queue()
     self._live: dict[str, _Sub] = {}
     self.ready = threading.Event()
@@ -114,12 +117,12 @@ class EngineLoop:
     self._inbox.put(("abort", rids))
 
   # The engine thread.
-  def _warmup(self) -> None:
+  def _compile(self) -> None:
     """Compiles before /health says ready: the engine's own warm-up hook if it has
     one, else one short greedy request (the smallest prefill and decode shapes)."""
     hook = getattr(self.engine, "warmup", None)
     if callable(hook):
-      hook()
+      hook(background=self._warmup == "background")
       return
     vocab = self.engine.model_config.vocab_size
     rid = "__warmup__"
@@ -135,9 +138,9 @@ class EngineLoop:
 
   def _run(self) -> None:
     try:
-      if self._warmup_enabled:
+      if self._warmup != "none":
         t0 = time.perf_counter()
-        self._warmup()
+        self._compile()
         log.info("engine warmed up in %.1f s", time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 -- reported by /health
       log.exception("engine warm-up failed")
@@ -175,7 +178,7 @@ class EngineLoop:
   def _add(self, subs: list[_Sub]) -> None:
     for sub in subs:
       try:
-        self.engine.add_request(sub.prompt, sub.params, request_id=sub.rid)
+        self.engine.add_request(sub.prompt, sub.params, request_id=sub.rid, stream=sub.stream)
       except CapacityError as e:
         sub.post(("error", sub.slot, oaf.OpenAIError(str(e), status=429,
                                                      type="rate_limit_error",
@@ -263,7 +266,7 @@ class _EngineStream(StreamingResponse):
 
 class _Server:
   def __init__(self, engine, model_name: str, max_pending: int, retry_after_s: int,
-               warmup: bool):
+               warmup: bool | str):
     self.engine = engine
     self.model_name = model_name
     self.max_pending = max_pending
@@ -311,7 +314,7 @@ class _Server:
 
     base = uuid.uuid4().hex
     subs = [_Sub(f"{base}-{p}", p, prompt, parsed.params, parsed.top_logprobs is not None,
-                 post) for p, prompt in enumerate(parsed.prompts)]
+                 parsed.stream, post) for p, prompt in enumerate(parsed.prompts)]
     state = {"open": True, "done": set()}
     self.pending += k
     self.pending_gauge.set(self.pending)
@@ -437,7 +440,7 @@ class _Server:
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None,
                max_pending: int | None = None, retry_after_s: int = 1,
-               warmup: bool = True) -> FastAPI:
+               warmup: bool | str = True) -> FastAPI:
   """The FastAPI app over `engine`. Its engine thread starts with the app (lifespan)
   and stops with it.
 

@@ -172,6 +172,8 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.
   scale = head_dim ** -0.5 if scale is None else scale
   num_decode = layout.decode_tables.shape[0]
   num_tiles = layout.tile_tables.shape[0]
+  # The Pallas kernel means a GPU, also when lowered for one elsewhere (jax.export).
+  platform = "gpu" if impl in ("pallas_gpu",) else None
   outs = []
   if num_decode:
     qd = q[:num_decode]
@@ -183,14 +185,15 @@ def attend(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.
     else:
       out = paged_attention(qd[:, None], k_pages, v_pages, layout.decode_tables,
                             positions[:num_decode, None], layout.decode_lens,
-                            window=window, softcap=softcap, scale=scale)[:, 0]
+                            window=window, softcap=softcap, scale=scale,
+                            platform=platform)[:, 0]
     outs.append(out)
   if num_tiles:
     tile = (n - num_decode) // num_tiles
     qt = q[num_decode:].reshape(num_tiles, tile, num_heads, head_dim)
     out = paged_attention(qt, k_pages, v_pages, layout.tile_tables,
                           positions[num_decode:].reshape(num_tiles, tile), layout.tile_lens,
-                          window=window, softcap=softcap, scale=scale)
+                          window=window, softcap=softcap, scale=scale, platform=platform)
     outs.append(out.reshape(num_tiles * tile, num_heads, head_dim))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -259,18 +262,19 @@ _BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *,
-                    window=None, softcap=None, scale=None, block_tokens=None):
+                    window=None, softcap=None, scale=None, block_tokens=None, platform=None):
   """Rows of T queries over their pages, in blocks of pages with an online softmax.
 
   q: [R, T, H, D]; block_tables: [R, NB]; q_positions: [R, T] (-1: padding);
   kv_lens: [R] (the loop runs to the longest); block_tokens: context per loop
-  iteration (None: `block_tokens_for`). Same result as `_attend_xla`.
+  iteration (None: `block_tokens_for` on `platform`, default the backend's).
+  Same result as `_attend_xla`.
   """
   rows, q_len, num_heads, head_dim = q.shape
   _, page_size, kv_heads, _ = k_pages.shape
   if block_tokens is None:
     block_tokens = block_tokens_for(rows, kv_heads, head_dim,
-                                    jnp.dtype(q.dtype).itemsize, page_size)
+                                    jnp.dtype(q.dtype).itemsize, page_size, platform)
   groups = num_heads // kv_heads
   scale = head_dim ** -0.5 if scale is None else scale
   table_width = block_tables.shape[1]

@@ -28,7 +28,7 @@ from model import default_model
 from model import quant
 from model import sharding as sharding_lib
 from model import transformer as transformer_lib
-from model.convert import load_foreign
+from model.convert import load_foreign_with_tokenizer
 from model.tokenizer import Tokenizer, load_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -40,9 +40,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str | N
   dtype None stores the weights in their own dtype (a bf16 directory stays bf16).
   `quantize`: store the projections quantized (model/quant.py), so a later load
   reads the small weights straight into their shardings."""
-  config, params = load_foreign(source, dtype, quantize=quantize)
+  config, params, tokenizer = load_foreign_with_tokenizer(source, dtype, quantize=quantize)
   config, params = _quantized(config, params, quantize)
-  tokenizer = load_tokenizer(source)
   checkpoint.save(output, params, config, force=force)
   tokenizer.save(pathlib.Path(output) / TOKENIZER_DIR)
 
@@ -119,12 +118,12 @@ def load_model(checkpoint_path: str | None = None, preset: str | None = None,
           "checkpoint %s has no tokenizer (%s is missing): only token-id prompts will "
           "work; convert it again to restore the tokenizer", path, tok_dir)
   else:
-    config, params = load_foreign(path, dtype, quantize=quantize)  # None: own dtype
+    config, params, tokenizer = load_foreign_with_tokenizer(  # dtype None: their own
+        path, dtype, quantize=quantize)
     config, params = _quantized(config, params, quantize)
     if mesh is not None:
       params = sharding_lib.place(params, quant.tree_shardings(
           params, sharding_lib.param_shardings(config, mesh)))
-    tokenizer = load_tokenizer(path)
   if dtype and config.compute_dtype != dtype:
     config = config.replace(compute_dtype=dtype)
   return transformer_lib.from_params(config, params), tokenizer

@@ -370,10 +370,11 @@ class Tokenizer:
     raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory}")
 
   @classmethod
-  def from_gguf(cls, path: PathLike) -> Tokenizer:
-    """The vocabulary embedded in a GGUF file (llama.cpp's `tokenizer.*` keys)."""
+  def from_gguf(cls, path: PathLike, reader=None) -> Tokenizer:
+    """The vocabulary embedded in a GGUF file (llama.cpp's `tokenizer.*` keys);
+    `reader`: the file already open (gguf.GGUFReader)."""
     from model.convert.gguf import open_gguf  # the error that names the file
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("tokenizer.")}
     kind = meta.get("tokenizer.ggml.model")
@@ -464,6 +465,13 @@ class IncrementalDetokenizer:
     if len(full) <= len(context) or full.endswith("\ufffd"):
       return ""
     return self._emit(full[len(context):])
+
+  def extend(self, token_ids: Sequence[int]) -> str:
+    """Adds many tokens at once and returns all their text, in one decode (the
+    text of a finished sequence: equal to pushing them one by one and flushing)."""
+    self._ids.extend(int(t) for t in token_ids)
+    context, full = self._window_texts()
+    return self._emit(full[len(context):]) if len(full) > len(context) else ""
 
   def flush(self) -> str:
     """Emits whatever is held back (at the end of generation), even if incomplete."""

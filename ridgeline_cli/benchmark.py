@@ -7,12 +7,15 @@
   python scripts/benchmark.py --mode throughput --workloads 128:128,sharegpt --num_requests 64
   # time to first token and per output token under Poisson arrivals
   python scripts/benchmark.py --mode latency --rates 0.5,1,2 --num_requests 16
+  # the host's own cost of a step at 64/256/1,024 rows (the device's step stubbed
+  # out), with and without text, beside the whole engine
+  python scripts/benchmark.py --model tiny --mode host --host_tokenizer default
   # draw a saved run's roofline figure again (no model, no device time)
   python scripts/benchmark.py --replot benchmarks/results/cpu_smollm2_fp32.json \
       --plot docs/roofline_cpu.png
 
 Modes (comma-separated, run in one process on one engine; engine/bench/modes.py
-says what each measures): decode, throughput, latency, prefill, ttft, kernels.
+says what each measures): host, decode, throughput, latency, prefill, ttft, kernels.
 
 --compare hf runs Hugging Face transformers' `generate` (torch, the same weights,
 prompts and lengths, greedy, --threads threads) in the same run and prints our/HF
@@ -109,6 +112,15 @@ def _shapes() -> tuple[tuple[int, int], ...]:
   return tuple(shapes)
 
 
+def _workload(text: str) -> tuple[int, int]:
+  try:
+    prompt, output = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise app.UsageError(f"--host_workload: {text!r} is not PROMPT:OUTPUT (e.g. 128:128)"
+                         ) from None
+  return prompt, output
+
+
 def options() -> Options:
   try:
     rates = tuple(float(r) for r in FLAGS.rates)
@@ -126,10 +138,19 @@ def options() -> Options:
       latency_output=FLAGS.latency_output, prefill_tokens=FLAGS.prefill_tokens,
       prefill_batch_shapes=_shapes(), ttft_prompt_len=FLAGS.ttft_prompt_len,
       temperature=FLAGS.temperature, seed=FLAGS.seed, calibrate=FLAGS.calibrate,
-      profile=FLAGS.profile, cprofile=FLAGS.cprofile,
+      profile=FLAGS.profile, cprofile=FLAGS.cprofile, host_batches=_ints("host_batches"),
+      host_workload=_workload(FLAGS.host_workload), host_tokenizer=FLAGS.host_tokenizer,
+      host_engine=FLAGS.host_engine,
       compilation_cache_dir=flags_common.compilation_cache_dir())
 
 
+flags.DEFINE_list("host_batches", _list(D.host_batches), "host: batch sizes (rows a step).")
+flags.DEFINE_string("host_workload", ":".join(map(str, D.host_workload)),
+                    "host: PROMPT:OUTPUT tokens of every request.")
+flags.DEFINE_string("host_tokenizer", None, "host: also time the host with this tokenizer's "
+                    "text (a .gguf, tokenizer.json or HF directory; 'default': the default "
+                    "model's); the bench model's own tokenizer is used when it has one.")
+flags.DEFINE_bool("host_engine", D.host_engine, "host: also time the whole engine.")
 flags.DEFINE_string("url", None, "serve: a running server to target (default: start one).")
 
 

@@ -33,14 +33,20 @@ flags.DEFINE_integer("num_pages", None, "KV-cache pages (default: from --kv_cach
 flags.DEFINE_integer("kv_cache_mb", 512, "KV-cache budget in MiB on a CPU when --num_pages is "
                      "unset (accelerators use --memory_fraction of their memory).")
 flags.DEFINE_float("memory_fraction", 0.9, "Fraction of accelerator memory for weights + KV cache.")
-flags.DEFINE_integer("max_batch", 64, "Most sequences in one decode step.")
+flags.DEFINE_integer("max_batch", None, "Most sequences in one decode step (default: sized "
+                     "to the device's ridge point, bounded by the KV pool: hundreds of rows "
+                     "on an H100/H200, 64 on a CPU).")
 flags.DEFINE_integer("max_model_len", None, "Most tokens (prompt + output) per sequence "
                      "(default: the model's max_position_embeddings, capped by what the "
                      "KV cache holds).")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
-flags.DEFINE_bool("precompile", True,
-                  "Compile every step variant at start-up (in parallel), before any request.")
+flags.DEFINE_enum("precompile", "background", ["all", "background", "none"],
+                  "Step variants compiled at start-up: 'all' (in parallel, before any "
+                  "request); 'background' (the two every step fits in, then each other "
+                  "one the first time a step needs it, in a background thread, the step "
+                  "running padded meanwhile); 'none' (each one when first needed, the "
+                  "step waiting for it).")
 flags.DEFINE_string("compilation_cache_dir", None,
                     "Persist compiled steps here (JAX's persistent compilation cache), so "
                     "a second run skips compiling. Default: --cache_dir/"
@@ -129,9 +135,9 @@ def agreed_peaks():
                              memory_bytes=values[-1])
 
 
-def load_engine(precompile: bool | None = None):
-  """Builds the Engine the flags describe (joining a multi-process run first) and,
-  unless `precompile` (default: --precompile) is False, compiles its step variants."""
+def load_engine(precompile: str | None = None):
+  """Builds the Engine the flags describe (joining a multi-process run first) and
+  compiles its step variants as `precompile` (default: --precompile) says."""
   init_distributed()
   from engine.engine import Engine
   from model.loading import load_model
@@ -140,9 +146,12 @@ def load_engine(precompile: bool | None = None):
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
                                 mesh=mesh, quantize=FLAGS.quantize)
   engine = Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
-  if FLAGS.precompile if precompile is None else precompile:
-    seconds = engine.warmup()
-    logging.warning("compiled %d step variants in %.1f s", len(engine.runner.variants), seconds)
+  precompile = FLAGS.precompile if precompile is None else precompile
+  if precompile != "none":
+    seconds = engine.warmup(background=precompile == "background")
+    logging.warning("compiled %d step variants in %.1f s%s", len(engine.runner.variants),
+                    seconds, " (the others as steps need them, in the background)"
+                    if precompile == "background" else "")
   return engine
 
 

@@ -29,7 +29,7 @@ def main(argv):
   import uvicorn
   from engine.server import create_app
   # Compiled on the engine thread (--precompile), before /health says ready.
-  engine = flags_common.load_engine(precompile=False)
+  engine = flags_common.load_engine(precompile="none")
   logging.set_verbosity(logging.INFO)
   if FLAGS.api_key is None:
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1"):

@@ -57,7 +57,7 @@ def _job(inp, out, max_tokens=8, **kw):
 
 
 class Hooked:
-  """The engine, with a hook before each output it hands the job (to act in the
+  """The engine, with a hook after each output it hands the job (to act in the
   middle of a run: the job's loop is `Engine.iterate`)."""
 
   def __init__(self, engine, before_step):
@@ -183,7 +183,7 @@ def test_summary_preemptions_equal_the_engine_metric_and_metrics_are_served(mode
   scraped = []
 
   def before_step(n):
-    if n in (5, 40):
+    if n in (2, 9):  # (the job reads one output per finished line: 12 here)
       now = small.metrics.registry.get_sample_value("ridgeline_generation_tokens_total")
       scraped.append((now, _scrape(port)))
 
@@ -202,7 +202,7 @@ def test_summary_preemptions_equal_the_engine_metric_and_metrics_are_served(mode
   on_disk = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
   assert on_disk["run"]["preemptions"] == preempted
   assert f"preemptions   {int(preempted)}" in batch.format_summary(on_disk)
-  # Scraped during the run (before steps 5 and 40): the counters as they were then.
+  # Scraped during the run (after outputs 2 and 9): the counters as they were then.
   assert len(scraped) == 2
   assert [_sample(text, "ridgeline_generation_tokens_total") for _, text in scraped] == [
       now for now, _ in scraped]

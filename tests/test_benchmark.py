@@ -112,18 +112,3 @@ def test_time_calls_warms_up_then_times_back_to_back_calls():
   assert len(times) == 3 and all(t >= 0 for t in times)
   assert len(calls) == 2 + 3 * 4  # the warm-up calls, then 4 per repetition
   assert len(synced) == 2 + 3  # waits on every warm-up call, then once per repetition
-
-
-def test_run_rows_prefers_the_sampling_step():
-  from engine.bench.common import run_rows
-
-  class Old:
-    def step(self, rows):
-      return ("logits", rows)
-
-  class New(Old):
-    def run_rows(self, rows):
-      return ("tokens", rows)
-
-  assert run_rows(Old(), [1]) == ("logits", [1])
-  assert run_rows(New(), [1]) == ("tokens", [1])

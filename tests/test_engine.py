@@ -336,7 +336,56 @@ def test_allowed_token_ids_restrict_sampling_per_row(engine):
   assert outs[1].token_ids == engine.generate([prompts[1]], sp[1])[0].token_ids
 
 
-def test_default_step_variants_are_the_readmes_21():
-  cfg = EngineConfig()
-  assert cfg.decode_buckets == (1, 2, 4, 8, 16, 24, 32, 48, 64)
-  assert len(cfg.step_shapes()) == cfg.max_step_variants() == 21
+def test_step_variants_grow_logarithmically_as_the_readme_says():
+  counts = {b: EngineConfig(max_batch=b).max_step_variants() for b in (64, 256, 1024)}
+  assert counts == {64: 21, 256: 28, 1024: 35}
+  assert EngineConfig(max_batch=64).decode_buckets == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def test_default_batch_is_sized_to_the_ridge_and_the_pool():
+  from engine import planner, roofline
+  llama8b, small = models.get("llama-3.1-8b"), models.get("smollm2-135m")
+
+  def pool(c, peaks):  # tokens 90% of the device's memory holds after the weights
+    return int((0.9 * peaks.memory_bytes - roofline.weight_bytes(c)) // c.kv_bytes_per_token())
+
+  h100, h200, a100 = (roofline.PEAKS[k] for k in ("H100", "H200", "A100"))
+  # An 8B model cannot reach the ridge at 512 tokens on an H100 (its KV reads grow
+  # with the batch): the pool decides. Hundreds of rows on every GPU.
+  assert planner.default_max_batch(llama8b, h100, pool(llama8b, h100)) == 768
+  assert planner.default_max_batch(llama8b, h200, pool(llama8b, h200)) == 1024
+  assert planner.default_max_batch(llama8b, a100, pool(llama8b, a100)) == 512
+  # A pool that holds fewer rows bounds it; a measured device (a CPU) stays modest.
+  assert planner.default_max_batch(llama8b, h100, 64 * 512) == 64
+  cpu = dataclasses.replace(h100, name="measured cpu", measured=True)
+  assert planner.default_max_batch(small, cpu, 10**9) == planner.MEASURED_DEVICE_BATCH == 64
+  # The engine resolves None from its device; an explicit value wins.
+  model = transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
+  engine = Engine(model, None, EngineConfig(num_pages=64, max_model_len=64))
+  assert engine.config.max_batch == planner.default_max_batch(
+      model.config, engine.peaks, 64 * engine.config.page_size)
+  assert Engine(model, None, EngineConfig(num_pages=64, max_model_len=64,
+                                          max_batch=8)).config.max_batch == 8
+
+
+def test_background_compilation_runs_padded_steps_with_the_same_outputs(model):
+  cfg = EngineConfig(page_size=8, num_pages=96, max_model_len=64, max_batch=8,
+                     prefill_chunk=32, max_prefill_batch=4)
+  prompts = _prompts(6, seed=21)
+  params = [SamplingParams(temperature=0, max_tokens=10),
+            SamplingParams(temperature=0.8, seed=3, max_tokens=10)] * 3
+  eager = Engine(model, None, cfg)
+  eager.warmup()
+  expected = [o.token_ids for o in eager.generate(prompts, params)]
+  lazy = Engine(model, None, cfg)
+  lazy.warmup(background=True)
+  runner = lazy.runner
+  assert runner.compilations == 2  # the cover shapes: every step fits in one
+  assert [o.token_ids for o in lazy.generate(prompts, params)] == expected
+  lazy.generate(prompts, params)
+  if runner._background is not None:
+    runner._background.shutdown(wait=True)
+  # Every other shape was compiled in the background, none by a waiting step.
+  cover = {runner._standard_key(s) for s in runner.cover_shapes()}
+  queued = {runner._standard_key(s) for s in runner._queued}
+  assert runner.variants - cover <= queued

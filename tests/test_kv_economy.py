@@ -172,3 +172,55 @@ def test_metric_samples_stay_bounded():
   assert len(kept) <= 8 and kept[-1] == 19.0 and kept == sorted(kept)
   assert m.samples("ttft", since=17) == [17.0, 18.0, 19.0]
   assert m.snapshot()["ttft_s"]["count"] == len(kept)
+
+
+def test_seeded_sampling_with_min_tokens_penalties_and_stop_ids_survives_preemption(model):
+  """Found by fuzzing: min_tokens banned the stop ids one token too long while a
+  token was in flight (it counted only the tokens read), but not in a preempted
+  sequence's recomputation (nothing in flight), so a seeded output changed exactly
+  where min_tokens ended. The ban now ends at the same output position either way."""
+  rng = np.random.default_rng(5)
+  prompts = [[int(t) for t in rng.integers(1, 512, size=int(rng.integers(20, 40)))]
+             for _ in range(16)]
+  stop_ids = list(range(3, 512, 7))  # common enough to end some sequences early
+  params = [SamplingParams(seed=i, n=1, max_tokens=30, min_tokens=1 + i % 12, temperature=1.0,
+                           top_k=2**31 - 1, stop_token_ids=stop_ids,
+                           repetition_penalty=1.3 if i % 2 else 1.0,
+                           frequency_penalty=0.5 if i % 2 else 0.0)
+            for i in range(16)]
+  big = _engine(model, num_pages=200).generate(prompts, params)
+  small = _engine(model, num_pages=12, max_model_len=96)
+  out = small.generate(prompts, params)
+  assert small.metrics.snapshot()["preemptions"] > 0
+  assert [o.token_ids for o in out] == [o.token_ids for o in big]
+  for o, p in zip(out, params):  # no stop before min_tokens; a stop ends the output
+    assert not set(o.token_ids[:p.min_tokens]) & set(stop_ids)
+    if o.finish_reason == "stop":
+      assert o.token_ids[-1] in stop_ids
+  # A stop id can end a sequence right after min_tokens (the third token here).
+  stops = [SamplingParams(seed=s, max_tokens=22, min_tokens=2, temperature=1.0,
+                          stop_token_ids=list(range(0, 512, 2))) for s in range(8)]
+  ended = _engine(model, num_pages=200).generate(prompts[:8], stops)
+  assert any(len(o.token_ids) == 3 and o.finish_reason == "stop" for o in ended)
+
+
+@pytest.mark.parametrize("at", [8, 9, 10])
+def test_a_preemption_at_the_end_of_min_tokens_changes_no_seeded_token(model, at):
+  """The defect's exact case: preempted when `at` tokens are out (min_tokens 9),
+  the recomputation samples the next token with nothing in flight."""
+  prompt = [int(t) for t in np.random.default_rng(9).integers(1, 512, size=30)]
+  params = SamplingParams(seed=0, max_tokens=22, min_tokens=9, temperature=1.0,
+                          top_k=2**31 - 1, stop_token_ids=[152, 360, 39],
+                          repetition_penalty=1.2)
+  engine = _engine(model, num_pages=200)
+  expected = engine.generate([prompt], params)[0].token_ids
+  rid = engine.add_request(prompt, params)
+  sched = engine.scheduler
+  seq = sched.requests[rid].seqs[0]
+  while seq.num_output < at:
+    engine.step()
+  sched._preempt(seq.slot)  # forced, as a full pool would
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.get_output(rid).token_ids == expected
+  assert engine.metrics.snapshot()["preemptions"] == 1

@@ -42,7 +42,7 @@ def test_step_cost_by_hand():
 
 
 def test_prefill_budget_reaches_the_ridge_for_llama8b_on_h100():
-  planner = Planner(LLAMA8B, EngineConfig(max_model_len=8192, prefill_chunk=4096), H100)
+  planner = Planner(LLAMA8B, EngineConfig(max_model_len=8192, prefill_chunk=4096, max_batch=64), H100)
   ridge = H100.ridge_point("bfloat16")
   tokens = planner.ridge_tokens
   # bf16: ~2 FLOPs per 2 weight bytes per token, so the budget is ~ the ridge value.

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import grain
 
-from engine.engine import GenerationRequest, StreamOutput
+from engine.engine import GenerationRequest
 from engine import openai_format as oaf
 
 from engine.batch.records import (  # noqa: F401
@@ -159,6 +159,7 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   batches0 = metrics.sample_count("decode_batch_size")
   loads0 = metrics.sample_count("kv_cache_utilization")
   counts0 = _engine_counts(engine)
+  tokens0 = metrics.registry.get_sample_value("ridgeline_generation_tokens_total") or 0.0
   token_text = oaf.TokenText(getattr(engine, "tokenizer", None))
   model_name = getattr(getattr(engine, "model_config", None), "name", None) or "ridgeline"
   pbar = tqdm(total=total, initial=len(writer.done), unit="req", file=sys.stderr,
@@ -196,17 +197,17 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       yield GenerationRequest(item.prompt, item.params, rid)
 
   try:
-    for out in engine.iterate(requests(), stream=True, max_live=cap):
-      if isinstance(out, StreamOutput):
-        tally["live_tokens"] += len(out.token_ids)
-        now = time.perf_counter()
-        if job.progress and now - last_refresh > 0.5:
-          last_refresh = now
-          pbar.set_postfix_str(
-              f"{tally['live_tokens'] / (now - t0):.1f} tok/s, batch "
-              f"{engine.scheduler.last_decode_batch}, kv {engine.kv_utilization():.0%}",
-              refresh=True)
-        continue
+    # Not streamed: a line's text is decoded once, when it finishes (the tokens
+    # generated so far, for the progress bar, are the engine's counter).
+    for out in engine.iterate(requests(), max_live=cap):
+      now = time.perf_counter()
+      if job.progress and now - last_refresh > 0.5:
+        last_refresh = now
+        tokens = metrics.registry.get_sample_value("ridgeline_generation_tokens_total")
+        pbar.set_postfix_str(
+            f"{(tokens - tokens0) / (now - t0):.1f} tok/s, batch "
+            f"{engine.scheduler.last_decode_batch}, kv {engine.kv_utilization():.0%}",
+            refresh=True)
       # One result (finished, or refused by the engine's checks) per request.
       finish([_result_record(live.pop(out.request_id), out, job.token_ids, token_text,
                              model_name)])

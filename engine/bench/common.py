@@ -46,6 +46,11 @@ class Options:
   prefill_tokens: int = 2048
   prefill_batch_shapes: tuple[tuple[int, int], ...] = ()  # (B, T): B fresh prompts of T
   ttft_prompt_len: int = 128
+  # host
+  host_batches: tuple[int, ...] = (64, 256, 1024)
+  host_workload: tuple[int, int] = (128, 128)  # prompt, output tokens
+  host_tokenizer: str | None = None  # a tokenizer file/directory, or "default"
+  host_engine: bool = True  # also time the whole engine (the bench's model)
   # every mode
   temperature: float = 0.0
   seed: int = 0
@@ -99,12 +104,9 @@ def percentiles(values: Sequence[float]) -> dict:
 
 
 def run_rows(runner, rows):
-  """One jitted step of the runner over `rows` (engine.runner.Row), as a device
-  array: sampled tokens from `Runner.run_rows`, or logits from the older
-  `Runner.step`. Every benchmark step goes through here."""
-  if hasattr(runner, "run_rows"):
-    return runner.run_rows(rows)
-  return runner.step(rows)
+  """One jitted step of the runner over `rows` (engine.runner.Row): its sampled
+  tokens, as a device array. Every benchmark step goes through here."""
+  return runner.run_rows(rows)
 
 
 # Text ------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class Bench:
   options: Options
   results: dict
   peer: object | None = None  # peer.HFPeer
+  model: object | None = None  # the model under test (modes that build their own engines)
+  tokenizer: object | None = None
   _draws: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
 
   @property
@@ -214,7 +218,9 @@ def build(model, tokenizer, config, needs: Needs, options: Options, *,
                 needs.max_len)
   config = dataclasses.replace(
       config, max_model_len=cdiv(max_len, config.page_size) * config.page_size,
-      max_batch=max(config.max_batch, needs.max_batch),
+      # At least the rows a mode needs; else the device's own default (None).
+      max_batch=(max(config.max_batch or 0, needs.max_batch)
+                 if config.max_batch or needs.max_batch > 1 else None),
       # The side-by-side decode prefills all its prompts in one step, as generate does.
       max_prefill_batch=max(config.max_prefill_batch, needs.prefill_batch),
       prefill_chunk=max(config.prefill_chunk, needs.prefill_tokens))
@@ -247,7 +253,7 @@ def build(model, tokenizer, config, needs: Needs, options: Options, *,
         + ", ".join(f"{k} {fmt_flops(v, peak)}" for k, v in peaks.flops.items())
         + f", {fmt_bandwidth(peaks.bandwidth)}, ridge "
         f"{results['peaks']['ridge_point']:.1f} FLOP/byte; loaded in {load_seconds:.1f} s")
-  return Bench(engine, model.config, options, results)
+  return Bench(engine, model.config, options, results, model=model, tokenizer=tokenizer)
 
 
 def trace_ops(fn, title: str, runs: int = 3, top: int = 15) -> list:

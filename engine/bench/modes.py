@@ -14,6 +14,9 @@
   prefill     one prompt of `prefill_tokens` through the runner: step time, MFU.
   ttft        one request in this (fresh) process: its time to first token, cold
               or warm depending on the persistent compilation cache's contents.
+  host        per batch size, the host's milliseconds per step (planning, inputs,
+              dispatch, reading, text) with the device's step stubbed out, beside
+              the whole engine (engine/bench/host.py).
   kernels     paged attention: the Pallas GPU kernel against the XLA reference on
               this device (max error) and their times. It runs before the engine is
               built: a kernel that fails its check is not used.
@@ -33,6 +36,7 @@ import time
 from typing import Callable
 
 from engine import roofline
+from engine.bench.host import run_host
 from engine.bench.common import (Bench, Needs, Options, build, cdiv, flops_unit,
                                  fmt_bandwidth, fmt_flops, host, pct, percentiles, run_rows,
                                  step_seconds, summarize, table, trace_ops, workload_lengths)
@@ -70,10 +74,8 @@ def time_engine_steps(b: Bench, batch: int, context: int) -> dict:
   params = SamplingParams(temperature=o.temperature, ignore_eos=True, seed=1,
                           max_tokens=o.warmup + o.steps + 4)
   ids = [eng.add_request(p, params) for p in b.prompts(batch, context)]
-  started: set[str] = set()
-  while len(started) < len(ids):  # prefill every prompt (each yields a first token)
-    for d in eng.step():
-      started.add(d.request_id)
+  while any(not eng.get_output(r).token_ids for r in ids):  # prefill every prompt
+    eng.step()
   for _ in range(o.warmup):
     eng.step()
   profiler = None
@@ -507,6 +509,7 @@ def _report_kernels(b: Bench) -> None:
 
 
 MODES: dict[str, Callable[[Bench], None]] = {
+    "host": run_host,
     "decode": run_decode,
     "throughput": run_throughput,
     "latency": run_latency,

@@ -97,7 +97,8 @@ _MISSING = object()
 
 
 def load_gguf(path: str | os.PathLike, dtype: str | None = None,
-              keep_quantized: str | None = None) -> tuple[ModelConfig, Params]:
+              keep_quantized: str | None = None, reader: gguf.GGUFReader | None = None
+              ) -> tuple[ModelConfig, Params]:
   """Reads a llama/qwen2 GGUF file into (config, canonical numpy parameter tree).
 
   Args:
@@ -125,7 +126,7 @@ def load_gguf(path: str | os.PathLike, dtype: str | None = None,
   as without it (and quantized afterwards if the caller asks).
   """
   path = os.fspath(path)
-  reader = open_gguf(path)
+  reader = reader or open_gguf(path)  # (opening parses the whole vocabulary: ~3 s)
   tensors = {t.name: t for t in reader.tensors}
   arch = _architecture(reader, path)
   if dtype is None:

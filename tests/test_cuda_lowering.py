@@ -1,0 +1,48 @@
+"""Every step variant lowers for CUDA, on this CPU (jax.export with platforms=["cuda"]).
+
+The GPU path (the Pallas decode kernel, GPU block sizes, 8-bit pools read by the
+kernel) runs only where a GPU is lent; a shape or dtype that only it rejects must
+fail here, in CI, not on a lent H200.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import models
+from engine import sampling
+from engine.engine import Engine, EngineConfig, SamplingParams
+from model import transformer as transformer_lib
+
+CONFIG = EngineConfig(page_size=8, num_pages=64, max_model_len=64, max_batch=8,
+                      prefill_chunk=32, max_prefill_batch=4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_every_step_variant_lowers_for_cuda(kv_dtype):
+  model = transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
+  model.attention_impl = "pallas_gpu"
+  engine = Engine(model, None, dataclasses.replace(CONFIG, kv_dtype=kv_dtype))
+  runner = engine.runner
+  shapes = engine.config.step_shapes()
+  assert len(shapes) == engine.config.max_step_variants()
+  for shape in shapes:
+    exported = runner.export(shape)
+    assert exported.platforms == ("cuda",)
+    if shape.decode:  # decode rows run the Pallas (Triton) kernel
+      assert "xla.gpu.triton" in exported.mlir_module(), shape
+  # The variants a workload adds: a long penalty history, many banned ids, an
+  # allowed-token mask.
+  vocab = model.config.vocab_size
+  params = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.2,
+                          allowed_token_ids=[4, 5, 6], seed=1)
+  history = sampling.History(np.arange(5000, dtype=np.int32) % vocab,
+                             np.arange(3, dtype=np.int32), inflight_row=0)
+  row = sampling.SampleRow(params, 1, 3, banned=list(range(12)), history=history)
+  shape = shapes[-1]
+  sampler = sampling.inputs_for([row], runner.sample_rows(shape), vocab)
+  assert sampler.history_rows.shape[0] > sampling.HISTORY_TOKENS
+  assert sampler.banned.shape[1] > sampling.BAN_WIDTH and sampler.allowed.shape[0]
+  assert runner.export(shape, sampler=sampler).platforms == ("cuda",)
