@@ -94,6 +94,9 @@ class RequestOutput:
   finished: bool
   metrics: RequestMetrics
   error: str | None = None
+  # SamplingParams.prompt_logprobs: None for the first prompt token, then a
+  # {token id: log-probability} per prompt token (its own first, then the top k).
+  prompt_logprobs: list[dict[int, float] | None] | None = None
 
   # The first (usually only) completion, for convenience.
   @property
@@ -264,9 +267,10 @@ class Engine:
       if bad:
         raise ValueError(f"{name} must be token ids below the vocabulary size {vocab}, "
                          f"got {bad[:5]}")
-    if params.logprobs is not None and params.logprobs > vocab:
-      raise ValueError(f"logprobs must be at most the vocabulary size {vocab}, "
-                       f"got {params.logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+      if getattr(params, name) is not None and getattr(params, name) > vocab:
+        raise ValueError(f"{name} must be at most the vocabulary size {vocab}, "
+                         f"got {getattr(params, name)}")
     if params.n > self.config.max_batch:
       raise ValueError(f"n must be at most max_batch ({self.config.max_batch}): all samples "
                        f"of a prompt decode together; got {params.n}")
@@ -386,7 +390,8 @@ class Engine:
     errors = [s.out.error for s in seqs if s.out.error]
     return RequestOutput(request_id, None, list(request.prompt_ids), outputs,
                          request.finished, request.metrics(),
-                         error=errors[0] if errors else None)
+                         error=errors[0] if errors else None,
+                         prompt_logprobs=request.prompt_logprobs())
 
   def _text_so_far(self, seq) -> str:
     """A completion's text; one that is still running and makes its text only

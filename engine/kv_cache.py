@@ -218,13 +218,14 @@ class KVCacheManager:
       self.tables[slot, done:n] = self.scratch
       self.released[slot] = n
 
-  def reuse_prefix(self, slot: int, tokens: np.ndarray) -> int:
+  def reuse_prefix(self, slot: int, tokens: np.ndarray, limit: int | None = None) -> int:
     """Points a sequence about to start (holding no pages) at the cached pages of
-    its longest cached prefix and returns the tokens found. At least one token is
-    left to compute: its logits are needed."""
+    its longest cached prefix (of at most `limit` tokens) and returns the tokens
+    found. At least one token is left to compute: its logits are needed."""
     key, found, keys = b"", [], []
     s = self.page_size
-    for j in range((len(tokens) - 1) // s):
+    most = len(tokens) - 1 if limit is None else min(len(tokens) - 1, limit)
+    for j in range(most // s):
       key = page_hash(key, tokens[j * s:(j + 1) * s])
       page = self.allocator.lookup(key)
       if page is None:

@@ -116,6 +116,7 @@ class ChatRequest(_Common):
   max_completion_tokens: StrictInt | None = None
   logprobs: StrictBool | None = None
   top_logprobs: StrictInt | None = None
+  echo: StrictBool | None = None  # refused with a message (it is /v1/completions')
 
 
 class CompletionRequest(_Common):
@@ -124,6 +125,76 @@ class CompletionRequest(_Common):
   echo: StrictBool | None = None
   best_of: StrictInt | None = None
   suffix: StrictStr | None = None
+
+
+class TokenizeRequest(_Strict):
+  """vLLM's /tokenize body: a prompt, or chat messages rendered by the template."""
+
+  model: StrictStr | None = None
+  prompt: StrictStr | None = None
+  messages: list[Message] | None = None
+  add_special_tokens: StrictBool | None = None  # default: True for prompt, False for chat
+  add_generation_prompt: StrictBool = True
+  return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Strict):
+  model: StrictStr | None = None
+  tokens: list[StrictInt]
+
+
+def tokenize(tokenizer, body: Any, max_model_len: int) -> dict:
+  """/tokenize: {count, max_model_len, tokens[, token_strs]} (vLLM's format)."""
+  req = _validated(TokenizeRequest, body)
+  if (req.prompt is None) == (req.messages is None):
+    raise OpenAIError("give prompt or messages (one of them)", "prompt")
+  try:
+    if req.prompt is not None:
+      add = True if req.add_special_tokens is None else req.add_special_tokens
+      ids = tokenizer.encode(req.prompt, add_bos=None if add else False)  # None: its own rule
+    else:
+      messages = [{"role": m.role, "content": _content_text(m, i)}
+                  for i, m in enumerate(req.messages)]
+      ids = tokenizer.encode_chat(messages, req.add_generation_prompt)
+  except (ValueError, TypeError, UnicodeError) as e:
+    raise OpenAIError(f"cannot tokenize: {e}", "prompt" if req.prompt is not None
+                      else "messages") from None
+  out = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+  if req.return_token_strs:
+    out["token_strs"] = [tokenizer.id_to_token(t) for t in ids]
+  return out
+
+
+def detokenize(tokenizer, body: Any) -> dict:
+  """/detokenize: {prompt} (vLLM's format); ids outside the vocabulary are a 400."""
+  req = _validated(DetokenizeRequest, body)
+  bad = [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]
+  if bad:
+    raise OpenAIError(f"tokens must be ids in [0, {tokenizer.vocab_size}), got {bad[:5]}",
+                      "tokens")
+  return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+
+def tokenizer_info(tokenizer, max_model_len: int) -> dict:
+  """/tokenizer_info: the special tokens and the chat template (what lm-eval's
+  remote tokenizer reads to use /tokenize and /detokenize)."""
+  def text(token_id):
+    return None if token_id is None else tokenizer.id_to_token(token_id)
+
+  return {"tokenizer_class": "ridgeline", "model_max_length": max_model_len,
+          "bos_token": text(tokenizer.bos_id),
+          "eos_token": text(tokenizer.eos_ids[0]) if tokenizer.eos_ids else None,
+          "pad_token": text(tokenizer.pad_id), "add_bos_token": tokenizer.add_bos,
+          "chat_template": tokenizer.chat_template}
+
+
+def _validated(model, body: Any):
+  if not isinstance(body, dict):
+    raise OpenAIError(f"the request body must be a JSON object, got {type(body).__name__}")
+  try:
+    return model.model_validate(body)
+  except pydantic.ValidationError as e:
+    raise _validation_error(e) from None
 
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "n", "stop", "seed",
@@ -143,6 +214,7 @@ class ParsedRequest:
   stream: bool = False
   include_usage: bool = False
   model: str | None = None
+  echo: bool = False  # completions: the prompt (and its logprobs) before the completion
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
@@ -227,13 +299,14 @@ def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedR
       renames["logprobs"] = "top_logprobs"
     elif req.top_logprobs is not None:
       raise OpenAIError("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.echo:
+      raise OpenAIError("echo is not supported for chat completions (it returns a "
+                        "prompt's text and log-probabilities from /v1/completions)", "echo")
     if not req.messages:
       raise OpenAIError("messages must be a non-empty list", "messages")
     prompts = [[{"role": m.role, "content": _content_text(m, i)}
                 for i, m in enumerate(req.messages)]]
   else:
-    if req.echo:
-      raise OpenAIError("echo is not supported", "echo")
     if req.suffix:
       raise OpenAIError("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
@@ -252,6 +325,9 @@ def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedR
                         f"[0, {MAX_LOGPROBS}], got {top_logprobs}",
                         "top_logprobs" if kind == "chat" else "logprobs")
     sampling["logprobs"] = top_logprobs
+  echo = kind == "completion" and bool(req.echo)
+  if echo and top_logprobs is not None:  # the prompt's own log-probabilities too
+    sampling["prompt_logprobs"] = top_logprobs
   try:
     params = SamplingParams.from_dict(sampling)
   except (ValueError, TypeError) as e:
@@ -260,7 +336,7 @@ def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedR
   if opts is not None and not req.stream:
     raise OpenAIError("stream_options is only allowed with stream: true", "stream_options")
   return ParsedRequest(kind, prompts, params, top_logprobs, req.stream,
-                       bool(opts and opts.include_usage), req.model)
+                       bool(opts and opts.include_usage), req.model, echo=echo)
 
 
 def engine_error(message: str, kind: str) -> OpenAIError:
@@ -358,18 +434,52 @@ def chat_logprobs(token_text: TokenText, token_ids: Sequence[int],
 
 
 def completion_logprobs(token_text: TokenText, token_ids: Sequence[int],
-                        logprobs: Sequence[dict[int, float]], k: int,
+                        logprobs: Sequence[dict[int, float] | None], k: int,
                         offset: int = 0) -> dict:
+  """The legacy completions `logprobs` object. An entry None (a prompt's first
+  token, with echo) has null log-probabilities; a prompt token's entry holds its
+  own log-probability and its top k alternatives (up to k + 1, as OpenAI's)."""
   tokens, token_lps, tops, offsets = [], [], [], []
   for t, entry in zip(token_ids, logprobs):
     text, _ = token_text(t)
     tokens.append(text)
-    token_lps.append(entry.get(t))
-    tops.append({token_text(tid)[0]: lp for tid, lp in _top(entry, k)})
+    token_lps.append(None if entry is None else _finite(entry.get(t)))
+    tops.append(None if entry is None else
+                {token_text(tid)[0]: _finite(lp) for tid, lp in _top(entry, k + 1)})
     offsets.append(offset)
     offset += len(text)
   return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
           "text_offset": offsets}
+
+
+def _finite(lp: float | None) -> float | None:
+  """JSON has no -Infinity: a token of probability 0 is reported as -9999 (vLLM's)."""
+  return None if lp is None else max(lp, -9999.0)
+
+
+def echo_parts(token_text: TokenText, prompt: Any, out, k: int | None
+               ) -> tuple[str, dict | None]:
+  """With echo: the prompt's text (as given, or its token ids decoded) and, when
+  log-probabilities are asked, its legacy logprobs object (first token null)."""
+  tok = token_text.tokenizer
+  if isinstance(prompt, str):
+    text = prompt
+  elif tok is not None:
+    text = tok.decode(out.prompt_token_ids, skip_special_tokens=False)
+  else:
+    text = ""
+  if k is None:
+    return text, None
+  entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+  return text, completion_logprobs(token_text, out.prompt_token_ids, entries, k)
+
+
+def join_logprobs(first: dict | None, second: dict | None) -> dict | None:
+  """Two legacy logprobs objects, one after the other (the second's text offsets
+  already count from the start of the choice's text)."""
+  if first is None or second is None:
+    return first or second
+  return {key: first[key] + second[key] for key in first}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -379,25 +489,33 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def response_body(kind: str, outputs: Sequence, model: str, token_text: TokenText,
                   top_logprobs: int | None, request_id: str | None = None,
-                  created: int | None = None) -> dict:
+                  created: int | None = None, echo_prompts: Sequence | None = None) -> dict:
   """A `chat.completion` or `text_completion` object from finished RequestOutputs
-  (one per prompt; choice index = prompt index * n + completion index)."""
+  (one per prompt; choice index = prompt index * n + completion index).
+  `echo_prompts`: completions with echo: the prompts as given (their text and, with
+  logprobs, their log-probabilities come before each choice's completion)."""
   choices = []
   prompt_tokens = completion_tokens = 0
   for p, out in enumerate(outputs):
     n = len(out.outputs)
     prompt_tokens += len(out.prompt_token_ids)
+    echoed = (echo_parts(token_text, echo_prompts[p], out, top_logprobs)
+              if echo_prompts is not None else ("", None))
     for c in out.outputs:
       completion_tokens += len(c.token_ids)
       lp = None
       if top_logprobs is not None and c.logprobs is not None:
-        lp = (chat_logprobs if kind == "chat" else completion_logprobs)(
-            token_text, c.token_ids, c.logprobs, top_logprobs)
+        offset = len(echoed[0]) if kind != "chat" else 0
+        lp = (chat_logprobs(token_text, c.token_ids, c.logprobs, top_logprobs) if kind == "chat"
+              else completion_logprobs(token_text, c.token_ids, c.logprobs, top_logprobs,
+                                       offset))
+      if echo_prompts is not None:
+        lp = join_logprobs(echoed[1], lp)
       choice = {"index": p * n + c.index}
       if kind == "chat":
         choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
       else:
-        choice["text"] = c.text
+        choice["text"] = echoed[0] + c.text
       choice.update(logprobs=lp, finish_reason=finish_reason(c.finish_reason))
       if c.stop_reason is not None:
         choice["stop_reason"] = c.stop_reason  # vLLM's extra: which stop string / token

@@ -71,12 +71,19 @@ class DecodeRows(NamedTuple):
 @dataclasses.dataclass
 class Chunk:
   """Prompt tokens of one sequence at positions start, start+1, ...; `sample`:
-  the chunk ends the prompt, so its last token's logits are sampled."""
+  the chunk ends the prompt, so its last token's logits are sampled.
+
+  Scoring (prompt log-probabilities): the positions score_start, score_start+1,
+  ... (len(score_targets) of them, inside the chunk) get the log-probability of
+  their next token (`score_targets`) and their top `score_k` alternatives."""
 
   tokens: np.ndarray
   start: int
   pages: np.ndarray
   sample: bool = False
+  score_start: int = 0
+  score_targets: np.ndarray | None = None
+  score_k: int = 0
 
 
 @dataclasses.dataclass
@@ -99,6 +106,11 @@ class StepInputs(NamedTuple):
   layout: attention.StepLayout
   sample_index: np.ndarray  # [R] token whose logits each sample row reads
   sampler: sampling.SamplerInputs
+  # Prompt positions scored (prompt log-probabilities): S of them, 0 when no
+  # chunk of the step asks (a bucket otherwise: a variant of its own).
+  score_index: np.ndarray  # [S] token whose logits are scored
+  score_target: np.ndarray  # [S] the token whose log-probability is read there
+  score_k: np.ndarray  # [S] alternatives wanted there (-1: padding)
 
 
 class StepOutput(NamedTuple):
@@ -106,6 +118,9 @@ class StepOutput(NamedTuple):
   logprob: jax.Array  # [R]
   top_ids: jax.Array  # [R, MAX_LOGPROBS]
   top_logprobs: jax.Array  # [R, MAX_LOGPROBS]
+  score_logprob: jax.Array  # [S] log-probability of each scored position's target
+  score_top_ids: jax.Array  # [S, MAX_LOGPROBS]
+  score_top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
 
 
 @dataclasses.dataclass
@@ -115,6 +130,16 @@ class Pending:
   output: StepOutput
   dispatched_at: float
   want_logprobs: bool
+  want_scores: bool = False
+
+
+class StepResult(NamedTuple):
+  """What the host reads of a step: the sampled tokens, and the log-probability
+  arrays (numpy) when some row asked for them (else None)."""
+
+  tokens: np.ndarray
+  logprobs: tuple | None  # (logprob [R], top_ids [R, K], top_logprobs [R, K])
+  scores: tuple | None  # (logprob [S], top_ids [S, K], top_logprobs [S, K])
 
 
 class Runner:
@@ -183,23 +208,27 @@ class Runner:
       known = tokens[:num_decode]
       tokens = tokens.at[:num_decode].set(
           jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], known))
+    rows = inputs.sample_index.shape[0]
+    index = jnp.concatenate([inputs.sample_index, inputs.score_index])
     with sharding_lib.rules_in_effect(self.mesh, self._plan):
       logits, kv = model(tokens, inputs.positions, kv, inputs.slots, inputs.layout,
-                         inputs.sample_index)  # [R, V]
+                         index)  # [R + S, V]
+    logits, scored = logits[:rows], logits[rows:]
     # Penalty history entries the host has not read yet name the previous
     # step's output row that holds them.
     hsrc = inputs.sampler.history_src
     ids = jnp.where(hsrc >= 0, prev_tokens[jnp.clip(hsrc, 0, self.max_rows - 1)],
                     inputs.sampler.history_ids)
     out = sampling.sample(logits, inputs.sampler._replace(history_ids=ids))
-    rows = out.tokens.shape[0]
     all_tokens = jnp.zeros((self.max_rows,), jnp.int32).at[:rows].set(out.tokens)
-    return kv, StepOutput(all_tokens, out.logprob, out.top_ids, out.top_logprobs)
+    score = sampling.score(scored, inputs.score_target, inputs.score_k)
+    return kv, StepOutput(all_tokens, out.logprob, out.top_ids, out.top_logprobs, *score)
 
   def _key(self, inputs: StepInputs) -> tuple:
     s = inputs.sampler
     return (inputs.src.shape[0], inputs.tokens.shape[0] - inputs.src.shape[0],
-            s.banned.shape[1], s.history_rows.shape[0], s.allowed.shape)
+            s.banned.shape[1], s.history_rows.shape[0], s.allowed.shape,
+            inputs.score_index.shape[0])
 
   def sample_rows(self, shape: StepShape) -> int:
     """Sample rows of a step: one per decode row (padding included), then one
@@ -216,7 +245,7 @@ class Runner:
     t0 = time.perf_counter()
     self.kv, out = compiled(self.state, self.kv, self._prev_tokens, inputs)
     self._prev_tokens = out.tokens
-    return Pending(out, t0, bool(sampler.logprobs.any()))
+    return Pending(out, t0, bool(sampler.logprobs.any()), inputs.score_index.shape[0] > 0)
 
   def build(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk],
             sampler: sampling.SamplerInputs) -> StepInputs:
@@ -250,6 +279,7 @@ class Runner:
       decode_lens[:d] = pos + 1
       sample_index[:d] = np.arange(d)
 
+    score_index, score_target, score_k = [], [], []
     t = 0  # next tile
     for j, c in enumerate(chunks):
       m = len(c.tokens)
@@ -266,18 +296,41 @@ class Runner:
       ends = np.minimum(c.start + (np.arange(used) + 1) * tile, c.start + m)
       tile_lens[t:t + used] = ends
       sample_index[num_decode + j] = at + m - 1
+      if c.score_targets is not None and len(c.score_targets):
+        n_score = len(c.score_targets)
+        score_index.append(at + c.score_start - c.start + np.arange(n_score))
+        score_target.append(c.score_targets)
+        score_k.append(np.full(n_score, c.score_k))
       t += used
     layout = attention.StepLayout(decode_tables, decode_lens, tile_tables, tile_lens)
-    return StepInputs(tokens, positions, slots, src, layout, sample_index, sampler)
+    n_score = sum(len(x) for x in score_index)
+    width = config_lib.bucket(n_score, self.score_buckets) if n_score else 0
+    scores = [np.zeros(width, np.int32), np.zeros(width, np.int32), np.full(width, -1, np.int32)]
+    if n_score:
+      for a, parts in zip(scores, (score_index, score_target, score_k)):
+        a[:n_score] = np.concatenate(parts)
+    return StepInputs(tokens, positions, slots, src, layout, sample_index, sampler, *scores)
+
+  @property
+  def score_buckets(self) -> tuple[int, ...]:
+    """Scored positions of a step (prompt log-probabilities): 16, 64, ... up to
+    the largest prefill bucket (each a variant, compiled when first used)."""
+    return config_lib.geometric_buckets(self.config.prefill_token_buckets[-1], 16, 4)
 
   @staticmethod
-  def read(pending: Pending) -> tuple[np.ndarray, tuple | None]:
-    """Waits for a step and reads its tokens (and log-probabilities if asked)."""
+  def read(pending: Pending) -> StepResult:
+    """Waits for a step and reads its tokens (and log-probabilities if asked),
+    in one transfer."""
     o = pending.output
-    if not pending.want_logprobs:
-      return np.asarray(o.tokens), None
-    tokens, *logprobs = jax.device_get((o.tokens, o.logprob, o.top_ids, o.top_logprobs))
-    return tokens, tuple(logprobs)
+    parts = [o.tokens]
+    if pending.want_logprobs:
+      parts += [o.logprob, o.top_ids, o.top_logprobs]
+    if pending.want_scores:
+      parts += [o.score_logprob, o.score_top_ids, o.score_top_logprobs]
+    got = jax.device_get(parts) if len(parts) > 1 else [np.asarray(o.tokens)]
+    logprobs = tuple(got[1:4]) if pending.want_logprobs else None
+    scores = tuple(got[-3:]) if pending.want_scores else None
+    return StepResult(got[0], logprobs, scores)
 
   # Compilation ------------------------------------------------------------------------
 

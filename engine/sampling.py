@@ -67,6 +67,9 @@ class SamplingParams:
   stop_token_ids: Sequence[int] | None = None
   ignore_eos: bool = False
   logprobs: int | None = None
+  # Log-probabilities of the prompt's tokens (vLLM's meaning): None, or k >= 0
+  # alternatives per token besides the prompt's own; the first token has none.
+  prompt_logprobs: int | None = None
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
   allowed_token_ids: Sequence[int] | None = None  # sample only among these
@@ -113,8 +116,10 @@ class SamplingParams:
     if not is_int(self.n) or not 1 <= self.n <= _INT32_MAX:
       bad("n", "an integer >= 1")
     if self.max_tokens is not None and (not is_int(self.max_tokens)
-                                        or not 1 <= self.max_tokens <= _INT32_MAX):
+                                        or not 0 <= self.max_tokens <= _INT32_MAX):
       bad("max_tokens", "an integer >= 1 (or None: up to the model length)")
+    if self.max_tokens == 0 and self.prompt_logprobs is None:
+      bad("max_tokens", "an integer >= 1 (0 only to score a prompt: with prompt_logprobs)")
     if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= _INT32_MAX:
       bad("min_tokens", "an integer >= 0")
     if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -143,6 +148,9 @@ class SamplingParams:
     if self.logprobs is not None and (not is_int(self.logprobs)
                                       or not 0 <= self.logprobs <= MAX_LOGPROBS):
       bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+    if self.prompt_logprobs is not None and (
+        not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+      bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
     if self.allowed_token_ids is not None and (
         not self.allowed_token_ids or not all(is_int(t) and t >= 0 for t in self.allowed_token_ids)):
       bad("allowed_token_ids", "a non-empty list of token ids >= 0, or None")
@@ -499,6 +507,32 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
   logprob, top_ids, top_lp = cond(jnp.any(inputs.logprobs), with_logprobs, without_logprobs,
                                   raw_logits)
   return SamplerOutput(tokens, logprob, top_ids, top_lp)
+
+
+def score(logits: jax.Array, targets: jax.Array, k: jax.Array
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Prompt log-probabilities: for each row of `logits` [S, V] the raw
+  log-probability of `targets` [S] and the top max(k) alternatives (k [S], -1 on
+  padding rows). The top-1 case (lm-eval's greedy check) is a max, not a top-k.
+  Returns (logprob [S], top_ids [S, MAX_LOGPROBS], top_logprobs [S, ...])."""
+  s = logits.shape[0]
+  if s == 0:
+    return (jnp.zeros((0,), jnp.float32), jnp.zeros((0, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((0, MAX_LOGPROBS), jnp.float32))
+  raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [S, V]
+  target = jnp.take_along_axis(raw, targets[:, None], axis=-1)[:, 0]
+
+  def top_many(x):
+    lp, ids = jax.lax.top_k(x, MAX_LOGPROBS)
+    return ids.astype(jnp.int32), lp
+
+  def top_one(x):
+    ids = jnp.zeros((s, MAX_LOGPROBS), jnp.int32).at[:, 0].set(_argmax(x))
+    lp = jnp.zeros((s, MAX_LOGPROBS), jnp.float32).at[:, 0].set(jnp.max(x, axis=-1))
+    return ids, lp
+
+  top_ids, top_lp = jax.lax.cond(jnp.any(k > 1), top_many, top_one, raw)
+  return target, top_ids, top_lp
 
 
 def _ordered_bits(x: jax.Array) -> jax.Array:

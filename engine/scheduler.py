@@ -74,6 +74,10 @@ class Request:
   stream: bool = False  # deltas as tokens come (else one at the end)
   seqs: list["Seq"] = dataclasses.field(default_factory=list)
   forked: bool = False
+  # Prompt log-probabilities by position (params.prompt_logprobs): position p's
+  # entry is the log-probability of prompt token p + 1 (and alternatives).
+  prompt_scores: dict[int, dict[int, float]] = dataclasses.field(default_factory=dict)
+  scored_upto: int = 0  # prompt positions below this are scored (or being scored)
   first_scheduled_time: float | None = None
   first_token_time: float | None = None
   finish_time: float | None = None
@@ -81,6 +85,14 @@ class Request:
   @property
   def finished(self) -> bool:
     return all(s.finished for s in self.seqs)
+
+  def prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+    """vLLM's format: None for the first prompt token, then one entry a token;
+    None until every prompt token is scored."""
+    n = len(self.prompt_ids)
+    if self.params.prompt_logprobs is None or len(self.prompt_scores) < n - 1:
+      return None
+    return [None] + [self.prompt_scores[p] for p in range(n - 1)]
 
   def metrics(self) -> outputs.RequestMetrics:
     n_out = max((s.num_output for s in self.seqs), default=0)
@@ -142,6 +154,11 @@ class _Step:
   decode_rows: int
   tokens: int
   cost: roofline.StepCost
+  # Prompt scoring: (request, first position, targets, k) per chunk, in the order
+  # of the step's score rows; and the sequences that end with this step (scoring
+  # only, max_tokens 0).
+  scores: list = dataclasses.field(default_factory=list)
+  ends: list = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -295,7 +312,9 @@ class Scheduler:
     # (a queued sequence whose last token is still in flight waits for it). Every
     # queued candidate but the last is admitted, so a few are enough.
     run = b.running_slots()
-    mid_prompt = run[b.num_tokens(run) - b.computed[run] > 1]
+    pending = b.num_tokens(run) - b.computed[run]
+    # (A scoring-only sequence, max_tokens 0, prefills its last prompt token too.)
+    mid_prompt = run[(pending > 1) | ((pending == 1) & (b.limit[run] == 0))]
     queued = itertools.islice((s for s in self.waiting if not s.inflight),
                               cfg.max_prefill_batch + 1)
     candidates = [b.seqs[s] for s in mid_prompt if s not in taken] + list(queued)
@@ -308,7 +327,10 @@ class Scheduler:
         if self.num_running >= cfg.max_batch:
           break
         slot = seq.slot if not new else self._start(seq)
-        b.computed[slot] = self.kv.reuse_prefix(slot, b.resolved(slot))
+        # A cached prefix has no logits: a request that scores its prompt reuses
+        # pages only up to the positions it has scored (none, the first time).
+        limit = seq.request.scored_upto if self._scores(seq) else None
+        b.computed[slot] = self.kv.reuse_prefix(slot, b.resolved(slot), limit)
       slot = seq.slot
       chunk = min(int(b.num_tokens(slot) - b.computed[slot]), tiles * tile)
       if not self._make_room(slot, int(b.computed[slot]) + chunk, may_preempt=not fresh):
@@ -375,11 +397,26 @@ class Scheduler:
     rows = DecodeRows(np.where(known, last, 0).astype(np.int32),
                       np.where(known, -1, b.last_row[decode]).astype(np.int32),
                       (n_tok - 1).astype(np.int32), kv.tables[decode])
-    chunk_rows = []
+    chunk_rows, scores, ends = [], [], []
     for s, c in chunks:
       start = int(b.computed[s])
-      chunk_rows.append(Chunk(b.tokens[s, start:start + c], start, kv.pages(s),
-                              start + c == b.num_tokens(s)))
+      seq = b.seqs[s]
+      last = start + c == b.num_tokens(s)
+      chunk = Chunk(b.tokens[s, start:start + c], start, kv.pages(s),
+                    last and b.limit[s] > 0)
+      if self._scores(seq):  # positions up to the prompt's last but one
+        request = seq.request
+        first = max(start, request.scored_upto)
+        upto = min(start + c, int(b.n_prompt[s]) - 1)
+        if upto > first:
+          k = request.params.prompt_logprobs
+          chunk.score_start, chunk.score_k = first, k
+          chunk.score_targets = b.tokens[s, first + 1:upto + 1].copy()
+          scores.append((request, first, chunk.score_targets, k))
+          request.scored_upto = upto
+      if last and b.limit[s] == 0:
+        ends.append(seq)
+      chunk_rows.append(chunk)
     sampled = [(shape.decode + j, s) for j, ((s, _), ch) in enumerate(zip(chunks, chunk_rows))
                if ch.sample]
     sampler = self._sampler_inputs(decode, sampled, shape)
@@ -411,7 +448,13 @@ class Scheduler:
     read_slots = np.concatenate([decode, np.asarray([s for _, s in sampled], np.int64)])
     read_rows = np.concatenate([np.arange(d), np.asarray([r for r, _ in sampled], np.int64)])
     return _Step(pending, shape, read_slots, read_rows, self.last_kind, d, tokens,
-                 self.planner.cost(cost_rows))
+                 self.planner.cost(cost_rows), scores, ends)
+
+  @staticmethod
+  def _scores(seq: Seq) -> bool:
+    """Whether the sequence computes its prompt's log-probabilities (the first
+    completion of a request that asks; the others share its prompt)."""
+    return seq.request.params.prompt_logprobs is not None and seq.index == 0
 
   def _sampler_inputs(self, decode: np.ndarray, sampled: list[tuple[int, int]],
                       shape: StepShape) -> sampling.SamplerInputs:
@@ -457,7 +500,7 @@ class Scheduler:
     """Reads a dispatched step's tokens into the live batch; returns the deltas
     and the seconds the host waited for the device."""
     t0 = time.perf_counter()
-    tokens, logprobs = self.runner.read(step.pending)
+    tokens, logprobs, scores = self.runner.read(step.pending)
     now = time.perf_counter()
     seconds = now - max(self._last_ready, step.pending.dispatched_at)
     self._last_ready = now
@@ -488,10 +531,32 @@ class Scheduler:
         d = seq.out.delta(seq.request.request_id, seq.index, seq.output_view())
         if d is not None:
           deltas.append(d)
+    if step.scores:
+      self._record_scores(step.scores, scores)
+    for seq in step.ends:  # scoring only: done once its prompt is scored
+      if not seq.finished:
+        self._finish(seq, "length")
+        deltas.append(seq.out.delta(seq.request.request_id, seq.index, seq.output_view()))
     for s in [s for s in self._to_free if b.inflight[s] == 0]:
       self._to_free.discard(s)
       b.free(s)
     return deltas, now - t0
+
+  @staticmethod
+  def _record_scores(chunks: list, scores: tuple) -> None:
+    """Prompt log-probabilities of a step's scored positions, into their requests
+    (by position: a chunk scored twice, around a preemption, writes the same).
+    An entry is the prompt token's log-probability, then its top k alternatives."""
+    logprob, top_ids, top_lp = scores
+    at = 0
+    for request, first, targets, k in chunks:
+      for i, target in enumerate(targets.tolist()):
+        row = at + i
+        entry = {target: float(logprob[row])}
+        for t, v in zip(top_ids[row, :k].tolist(), top_lp[row, :k].tolist()):
+          entry.setdefault(t, v)
+        request.prompt_scores[first + i] = entry
+      at += len(targets)
 
   def _handle(self, slot: int, token: int, row: int, stop: bool, length: bool, now: float,
               logprobs) -> Seq | None:

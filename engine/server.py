@@ -24,8 +24,11 @@ HTTP 429, a `Retry-After` header and an OpenAI error object, before anything is
 queued; a refusal keeps nothing, so memory stays flat however many are refused.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming with
-server-sent events or not), GET /v1/models, GET /health (503 until the model is
-warmed up), GET /metrics (Prometheus: the engine's registry and the server's).
+server-sent events or not; completions also with `echo`: the prompt's text and
+log-probabilities before the completion's), POST /tokenize and /detokenize and
+GET /tokenizer_info (vLLM's; what lm-eval's remote tokenizer reads), GET
+/v1/models, GET /health (503 until the model is warmed up), GET /metrics
+(Prometheus: the engine's registry and the server's).
 """
 
 from __future__ import annotations
@@ -77,7 +80,17 @@ class _Sub:
   want_logprobs: bool
   stream: bool  # deltas as tokens come (else the engine hands out one at the end)
   post: Callable[[tuple], None]
+  echo: bool = False  # the first delta of each completion carries the prompt
+  echoed: set = dataclasses.field(default_factory=set)  # completions that carried it
   emitted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+@dataclasses.dataclass
+class _PromptOnly:
+  """A prompt's ids and log-probabilities, as echo_parts reads them."""
+
+  prompt_token_ids: list[int]
+  prompt_logprobs: list | None
 
 
 class EngineLoop:
@@ -86,7 +99,9 @@ class EngineLoop:
   Events posted to a request (tuples, first item the kind):
     ("accepted", slot, prompt_tokens)
     ("error", slot, OpenAIError)
-    ("delta", slot, index, text, token_ids, logprobs | None, finish_reason | None)
+    ("delta", slot, index, text, token_ids, logprobs | None, finish_reason | None,
+     echo) -- echo: (prompt token ids, prompt logprobs | None) on a completion's
+     first delta when the request echoes its prompt, else None
     ("done", slot, RequestOutput)
   """
 
@@ -217,16 +232,20 @@ class EngineLoop:
       sub = self._live.get(rid)
       if sub is None:
         continue
-      out = self.engine.get_output(rid) if sub.want_logprobs else None
+      out = self.engine.get_output(rid) if sub.want_logprobs or sub.echo else None
       completions = {c.index: c for c in out.outputs} if out is not None else {}
       for d in ds:
         lps = None
         if sub.want_logprobs and d.index in completions:
           start = sub.emitted[d.index]
           lps = (completions[d.index].logprobs or [])[start:start + len(d.token_ids)]
+        echo = None
+        if sub.echo and d.index not in sub.echoed:
+          sub.echoed.add(d.index)
+          echo = (out.prompt_token_ids, out.prompt_logprobs)
         sub.emitted[d.index] += len(d.token_ids)
         sub.post(("delta", sub.slot, d.index, d.text, list(d.token_ids), lps,
-                  d.finish_reason if d.finished else None))
+                  d.finish_reason if d.finished else None, echo))
     # A request ends with a finished delta per completion; one may also end with no
     # delta left to give (then the engine has nothing unfinished).
     ended = ({d.request_id for d in deltas if d.finished} if self.engine.has_unfinished()
@@ -314,7 +333,7 @@ class _Server:
 
     base = uuid.uuid4().hex
     subs = [_Sub(f"{base}-{p}", p, prompt, parsed.params, parsed.top_logprobs is not None,
-                 parsed.stream, post) for p, prompt in enumerate(parsed.prompts)]
+                 parsed.stream, post, parsed.echo) for p, prompt in enumerate(parsed.prompts)]
     state = {"open": True, "done": set()}
     self.pending += k
     self.pending_gauge.set(self.pending)
@@ -382,8 +401,9 @@ class _Server:
       elif ev[0] == "error":
         state["done"].add(ev[1])
         raise ev[2] if isinstance(ev[2], oaf.OpenAIError) else oaf.engine_error(ev[2], kind)
-    return JSONResponse(oaf.response_body(kind, outputs, self.model_name, self.token_text,
-                                          parsed.top_logprobs, rid, int(time.time())))
+    return JSONResponse(oaf.response_body(
+        kind, outputs, self.model_name, self.token_text, parsed.top_logprobs, rid,
+        int(time.time()), echo_prompts=parsed.prompts if parsed.echo else None))
 
   async def _stream(self, kind, parsed, rid, events, backlog, prompt_tokens, state):
     created = int(time.time())
@@ -405,9 +425,17 @@ class _Server:
     while len(state["done"]) < k:
       ev = pending.popleft() if pending else await events.get()
       if ev[0] == "delta":
-        _, slot, index, text, token_ids, lps, finish = ev
+        _, slot, index, text, token_ids, lps, finish, echo = ev
         choice = slot * n + index
         completion_tokens += len(token_ids)
+        prompt_lp = None
+        if echo is not None:  # the prompt comes first (OpenAI's and vLLM's echo)
+          ids, prompt_logprobs = echo
+          out = _PromptOnly(ids, prompt_logprobs)
+          prompt_text, prompt_lp = oaf.echo_parts(self.token_text, parsed.prompts[slot], out,
+                                                  parsed.top_logprobs)
+          text = prompt_text + text
+          text_offset[choice] += len(prompt_text)
         lp = None
         if parsed.top_logprobs is not None and lps is not None:
           if kind == "chat":
@@ -416,6 +444,8 @@ class _Server:
             lp = oaf.completion_logprobs(self.token_text, token_ids, lps,
                                          parsed.top_logprobs, text_offset[choice])
             text_offset[choice] += sum(len(t) for t in lp["tokens"])
+        if prompt_lp is not None:
+          lp = oaf.join_logprobs(prompt_lp, lp) if lp is not None else prompt_lp
         if not text and not token_ids and finish is None:
           continue
         # A chunk per delta that carries tokens, even when they have no text yet (a
@@ -506,6 +536,32 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
   @app.post("/v1/completions")
   async def completions(request: Request):
     return await server.complete("completion", request)
+
+  # vLLM's tokenizer endpoints (and /tokenizer_info, which lm-eval's remote tokenizer
+  # reads), so a client needs no tokenizer files of its own.
+  def _tokenizer():
+    if engine.tokenizer is None:
+      raise oaf.OpenAIError("this model has no tokenizer (it serves token ids only)",
+                            status=404, code="no_tokenizer")
+    return engine.tokenizer
+
+  async def _json(request: Request):
+    try:
+      return json.loads(await request.body())
+    except ValueError as e:
+      raise oaf.OpenAIError(f"malformed JSON body: {e}") from None
+
+  @app.post("/tokenize")
+  async def tokenize(request: Request):
+    return oaf.tokenize(_tokenizer(), await _json(request), engine.config.max_model_len)
+
+  @app.post("/detokenize")
+  async def detokenize(request: Request):
+    return oaf.detokenize(_tokenizer(), await _json(request))
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    return oaf.tokenizer_info(_tokenizer(), engine.config.max_model_len)
 
   @app.get("/v1/models")
   async def models():

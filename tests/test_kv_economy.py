@@ -181,13 +181,13 @@ def test_seeded_sampling_with_min_tokens_penalties_and_stop_ids_survives_preempt
   where min_tokens ended. The ban now ends at the same output position either way."""
   rng = np.random.default_rng(5)
   prompts = [[int(t) for t in rng.integers(1, 512, size=int(rng.integers(20, 40)))]
-             for _ in range(16)]
-  stop_ids = list(range(3, 512, 7))  # common enough to end some sequences early
+             for _ in range(10)]
+  stop_ids = [3, 10, 17, 24, 31, 38, 45]  # (8 or fewer: the standard banned width)
   params = [SamplingParams(seed=i, n=1, max_tokens=30, min_tokens=1 + i % 12, temperature=1.0,
                            top_k=2**31 - 1, stop_token_ids=stop_ids,
                            repetition_penalty=1.3 if i % 2 else 1.0,
                            frequency_penalty=0.5 if i % 2 else 0.0)
-            for i in range(16)]
+            for i in range(10)]
   big = _engine(model, num_pages=200).generate(prompts, params)
   small = _engine(model, num_pages=12, max_model_len=96)
   out = small.generate(prompts, params)
@@ -197,11 +197,14 @@ def test_seeded_sampling_with_min_tokens_penalties_and_stop_ids_survives_preempt
     assert not set(o.token_ids[:p.min_tokens]) & set(stop_ids)
     if o.finish_reason == "stop":
       assert o.token_ids[-1] in stop_ids
-  # A stop id can end a sequence right after min_tokens (the third token here).
-  stops = [SamplingParams(seed=s, max_tokens=22, min_tokens=2, temperature=1.0,
-                          stop_token_ids=list(range(0, 512, 2))) for s in range(8)]
-  ended = _engine(model, num_pages=200).generate(prompts[:8], stops)
-  assert any(len(o.token_ids) == 3 and o.finish_reason == "stop" for o in ended)
+  # A stop id ends a sequence right after min_tokens: the greedy third token, as a
+  # stop id with min_tokens 2, ends the output there (it was banned one token too long).
+  engine = _engine(model, num_pages=200)
+  third = engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=3))[0]
+  assert not set(third.token_ids[:2]) & {third.token_ids[2]}
+  ended = engine.generate(prompts[:1], SamplingParams(
+      temperature=0, max_tokens=8, min_tokens=2, stop_token_ids=[third.token_ids[2]]))[0]
+  assert ended.token_ids == third.token_ids and ended.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("at", [8, 9, 10])

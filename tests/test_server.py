@@ -9,18 +9,14 @@ weights.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import socket
 import subprocess
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from flax import nnx
 
 from configs import models
@@ -29,40 +25,11 @@ from engine.server import create_app
 from model import default_model
 from model import transformer as transformer_lib
 from model.tokenizer import Tokenizer
+from tests.serving import serve_in_thread
 
 CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128, max_batch=16,
                       prefill_chunk=64, max_prefill_batch=4)
 MODEL = "tiny-test"
-
-
-@contextlib.contextmanager
-def serve_in_thread(app, timeout_s: float = 120.0):
-  """Runs `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL
-  once /health says ready. Keep-alive outlasts the test's own pauses (a pooled
-  connection the server closes just as the client reuses it is a connection error)."""
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
-                                         timeout_keep_alive=300))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      if httpx.get(url + "/health", timeout=5).status_code == 200:
-        break
-    except httpx.TransportError:
-      pass
-    assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
-    time.sleep(0.1)
-  try:
-    yield url
-  finally:
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +318,9 @@ INVALID = [
     ("completion", {"prompt": "x", "stream": "yes"}, "stream"),
     ("completion", {"prompt": "x", "stream_options": {"include_usage": True}},
      "stream_options"),
-    ("completion", {"prompt": "x", "echo": True}, "echo"),
+    ("completion", {"prompt": "x", "echo": "yes"}, "echo"),
+    ("completion", {"prompt": "x", "echo": True, "max_tokens": 0}, "max_tokens"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
     ("completion", {"prompt": []}, "prompt"),
     ("completion", {"prompt": ""}, "prompt"),
     ("completion", {"prompt": {"text": "x"}}, "prompt"),

@@ -10,6 +10,7 @@ import collections
 import fcntl
 import glob
 import json
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -38,6 +39,8 @@ class Tally:
 
   def __init__(self):
     self.requests = self.errors = self.prompt_tokens = self.output_tokens = 0
+    self.scored_lines = self.scored_tokens = 0
+    self.prompt_logprob = 0.0
     self.finish_reasons = collections.Counter()
     self.latency = {k: array.array("d") for k in ("queue_s", "ttft_s", "tpot_s", "e2e_s")}
 
@@ -50,6 +53,10 @@ class Tally:
       return
     self.prompt_tokens += record.get("prompt_tokens") or 0
     self.output_tokens += record.get("completion_tokens") or 0
+    if record.get("prompt_scored_tokens") is not None:
+      self.scored_lines += 1
+      self.scored_tokens += record["prompt_scored_tokens"]
+      self.prompt_logprob += record["prompt_logprob"]
     for k, v in (record.get("metrics") or {}).items():
       if k in self.latency and v is not None:
         self.latency[k].append(v)
@@ -61,6 +68,13 @@ class Tally:
            "finish_reasons": dict(sorted((str(k), v) for k, v in self.finish_reasons.items()))}
     for k, values in self.latency.items():
       out[k] = _percentiles(values)
+    if self.scored_lines:
+      # The file's perplexity, once every line's prompt was scored: exp of the
+      # negative mean log-probability over all scored tokens.
+      out["scored"] = {"lines": self.scored_lines, "tokens": self.scored_tokens,
+                       "prompt_logprob": self.prompt_logprob}
+      if self.scored_lines == self.requests - self.errors and self.scored_tokens:
+        out["perplexity"] = math.exp(-self.prompt_logprob / self.scored_tokens)
     return out
 
 

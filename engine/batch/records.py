@@ -78,6 +78,7 @@ class Item:
   api: str | None = None
   top_logprobs: int | None = None  # OpenAI lines: how many alternatives to report
   error_code: str | None = None
+  echo: bool = False  # OpenAI completions lines: the prompt (and its logprobs) echoed
 
   @property
   def key(self) -> str | None:
@@ -168,7 +169,7 @@ def parse_line(line: int, raw: bytes, default_sampling: dict | None = None,
       return fail("body.prompt: a batch line takes one prompt, got "
                   f"{len(parsed.prompts)}")
     item.prompt, params = parsed.prompts[0], parsed.params
-    item.top_logprobs = parsed.top_logprobs
+    item.top_logprobs, item.echo = parsed.top_logprobs, parsed.echo
     overrides = None if batch_api else obj.get("sampling")
     if overrides is not None:
       if not isinstance(overrides, dict):
@@ -264,7 +265,8 @@ def _openai_result_record(item: Item, out, token_text, model_name: str) -> dict:
   batch_id, request_id = _openai_ids(item.line, item.id)
   prefix = "chatcmpl-" if item.api == "chat" else "cmpl-"
   body = oaf.response_body(item.api, [out], model_name, token_text, item.top_logprobs,
-                           request_id=prefix + batch_id[len("batch_req_"):])
+                           request_id=prefix + batch_id[len("batch_req_"):],
+                           echo_prompts=[item.prompt] if item.echo else None)
   m = out.metrics
   return {"id": batch_id, "custom_id": item.id,
           "response": {"status_code": 200, "request_id": request_id, "body": body},
@@ -288,6 +290,11 @@ def _record_view(record: dict) -> dict:
   view.update(finish_reason=body["choices"][0].get("finish_reason"),
               prompt_tokens=usage.get("prompt_tokens", 0),
               completion_tokens=usage.get("completion_tokens", 0))
+  lp = body["choices"][0].get("logprobs") or {}
+  scored = (lp.get("token_logprobs") or [])[:usage.get("prompt_tokens", 0)]
+  if scored and scored[0] is None:  # echo with logprobs: the prompt's own come first
+    view["prompt_logprob"] = sum(scored[1:])
+    view["prompt_scored_tokens"] = len(scored) - 1
   return view
 
 
@@ -328,6 +335,15 @@ def _result_record(item: Item, out, with_token_ids: bool, token_text=None,
   if len(out.outputs) > 1:
     record["choices"] = [dict(index=c.index, **_completion(c, with_token_ids))
                          for c in out.outputs]
+  if out.prompt_logprobs is not None:
+    # Each prompt token's log-probability (the first has none) and the top
+    # alternatives asked for; their sum and count give the line's perplexity.
+    ids = out.prompt_token_ids
+    record["prompt_logprobs"] = [None] + [
+        {"token_id": t, "logprob": lp[t], "top": {str(k): v for k, v in lp.items()}}
+        for t, lp in zip(ids[1:], out.prompt_logprobs[1:])]
+    record["prompt_logprob"] = sum(lp[t] for t, lp in zip(ids[1:], out.prompt_logprobs[1:]))
+    record["prompt_scored_tokens"] = len(ids) - 1
   m = out.metrics
   record["metrics"] = {"queue_s": _round(m.queue_time), "ttft_s": _round(m.ttft),
                        "tpot_s": _round(m.tpot), "e2e_s": _round(m.e2e)}

@@ -85,6 +85,11 @@ def format_summary(summary: dict) -> str:
       lines.append("engine        " + ", ".join(
           f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
           for k, v in _flat(engine) if isinstance(v, (int, float, str))))
+  if s.get("scored"):
+    sc = s["scored"]
+    lines.append(f"scored        {sc['tokens']} prompt tokens of {sc['lines']} lines"
+                 + (f"; perplexity {s['perplexity']:.4f}" if "perplexity" in s
+                    else "; perplexity n/a (not every line was scored)"))
   if s.get("finish_reasons"):
     lines.append("finish        " + ", ".join(f"{k} {v}" for k, v in s["finish_reasons"].items()))
   return "\n".join(lines)

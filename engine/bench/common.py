@@ -51,6 +51,8 @@ class Options:
   host_workload: tuple[int, int] = (128, 128)  # prompt, output tokens
   host_tokenizer: str | None = None  # a tokenizer file/directory, or "default"
   host_engine: bool = True  # also time the whole engine (the bench's model)
+  # scoring
+  scoring_prompts: tuple[int, int] = (64, 512)  # prompts, tokens each
   # every mode
   temperature: float = 0.0
   seed: int = 0

@@ -14,6 +14,8 @@
   prefill     one prompt of `prefill_tokens` through the runner: step time, MFU.
   ttft        one request in this (fresh) process: its time to first token, cold
               or warm depending on the persistent compilation cache's contents.
+  scoring     a scoring job (max_tokens 0, prompt_logprobs 0) against plain prefill
+              over the same prompts, in prompt tokens/s (engine/bench/scoring.py).
   host        per batch size, the host's milliseconds per step (planning, inputs,
               dispatch, reading, text) with the device's step stubbed out, beside
               the whole engine (engine/bench/host.py).
@@ -37,6 +39,7 @@ from typing import Callable
 
 from engine import roofline
 from engine.bench.host import run_host
+from engine.bench.scoring import _needs as _scoring_needs, run_scoring
 from engine.bench.common import (Bench, Needs, Options, build, cdiv, flops_unit,
                                  fmt_bandwidth, fmt_flops, host, pct, percentiles, run_rows,
                                  step_seconds, summarize, table, trace_ops, workload_lengths)
@@ -510,6 +513,7 @@ def _report_kernels(b: Bench) -> None:
 
 MODES: dict[str, Callable[[Bench], None]] = {
     "host": run_host,
+    "scoring": run_scoring,
     "decode": run_decode,
     "throughput": run_throughput,
     "latency": run_latency,
@@ -557,6 +561,7 @@ NEEDS: dict[str, Callable[[Options, object, bool], Needs]] = {
     "latency": _latency_needs,
     "prefill": _prefill_needs,
     "ttft": lambda o, config, peer: Needs(max_len=o.ttft_prompt_len + 2),
+    "scoring": _scoring_needs,
 }
 
 
