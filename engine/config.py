@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from engine.util import bucket, ceil_div, power_of_two_buckets  # noqa: F401 (re-exported)
+from engine.util import bucket, ceil_div, power_of_two_buckets  # (bucket also re-exported)
 
 
 class StepShape(NamedTuple):
@@ -39,6 +39,11 @@ class EngineConfig:
   max_waiting: bound of the waiting queue; submissions past it raise CapacityError.
   max_step_ms: latency bound the planner keeps each step under (by the roofline
     estimate); None for no bound.
+  host_kv_cache_bytes: a host-memory tier under the device's KV pool
+    (engine/kv_host.py): prefix pages the device evicts are kept there, up to this
+    many bytes, and copied back on a later hit; None (the default): no tier.
+  host_kv_policy: what a host hit does: "price" (copy back or recompute, whichever
+    the roofline says is cheaper), "copy" (always copy back), "recompute" (never).
   """
 
   page_size: int = 16
@@ -54,6 +59,8 @@ class EngineConfig:
   seed: int = 0
   max_waiting: int = 4096
   max_step_ms: float | None = None
+  host_kv_cache_bytes: int | None = None
+  host_kv_policy: str = "price"
 
   def __post_init__(self):
     for field in ("page_size", "max_batch", "max_model_len", "prefill_chunk",
@@ -71,6 +78,12 @@ class EngineConfig:
       except TypeError:
         raise ValueError(f"EngineConfig.kv_dtype: unknown dtype {self.kv_dtype!r}; allowed: "
                          "a float dtype (float32, bfloat16, ...), int8 or fp8") from None
+    if self.host_kv_cache_bytes is not None and self.host_kv_cache_bytes < 1:
+      raise ValueError(f"EngineConfig.host_kv_cache_bytes must be >= 1 (or None: no host "
+                       f"tier), got {self.host_kv_cache_bytes}")
+    if self.host_kv_policy not in ("price", "copy", "recompute"):
+      raise ValueError(f"EngineConfig.host_kv_policy must be 'price', 'copy' or 'recompute', "
+                       f"got {self.host_kv_policy!r}")
     if not 0 < self.memory_fraction <= 1:
       raise ValueError(f"EngineConfig.memory_fraction must be in (0, 1], got "
                        f"{self.memory_fraction}")
@@ -134,8 +147,20 @@ class EngineConfig:
                for b in self.mixed_decode_buckets]
     return shapes
 
+  def sample_rows(self, shape: StepShape) -> int:
+    """Sample rows of a step: one per decode row (padding included), then one per
+    prefilled sequence the prefill region can hold, padded to a decode bucket
+    (or max_sample_rows), so the samplers are few and shared between shapes.
+    Decode row i samples into output row i, chunk j into row shape.decode + j."""
+    tiles = shape.prefill // self.prefill_tile
+    rows = shape.decode + (min(self.max_prefill_batch, tiles) if tiles else 0)
+    return bucket(rows, self.decode_buckets + (self.max_sample_rows,))
+
   def max_step_variants(self) -> int:
-    return len(self.step_shapes())
+    """Executables the standard steps compile: a model pass per shape and a
+    sampler per number of sample rows."""
+    shapes = self.step_shapes()
+    return len(shapes) + len({self.sample_rows(s) for s in shapes})
 
 
 def geometric_buckets(limit: int, start: int, factor: int) -> tuple[int, ...]:

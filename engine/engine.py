@@ -119,6 +119,7 @@ class GenerationRequest:
   prompt: Any
   params: SamplingParams | None = None
   request_id: str | None = None
+  priority: int = 0
 
 
 class Engine:
@@ -135,6 +136,7 @@ class Engine:
     config = config or EngineConfig()
     self.model_config: ModelConfig = model.config
     self.tokenizer = tokenizer
+    self._grammars = None  # a GrammarCompiler, made by the first constrained request
     max_pos = model.config.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > max_pos:
       raise ValueError(
@@ -219,9 +221,14 @@ class Engine:
   # Requests -----------------------------------------------------------------
 
   def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                  request_id: str | None = None, *, stream: bool = False) -> str:
+                  request_id: str | None = None, *, stream: bool = False,
+                  priority: int = 0) -> str:
     """Queues one prompt; returns its request id. Never raises for bad input:
     a request that cannot run is recorded as failed (see `get_output`).
+
+    priority (vLLM's meaning): a lower value is admitted first and preempted
+    last; requests with priority > 0 (batch work) start only while the KV pool
+    keeps a reserve for the others.
 
     stream: `step()` hands out this request's deltas as its tokens come (text
     decoded token by token); otherwise one delta per completion when it
@@ -238,12 +245,10 @@ class Engine:
     arrival = time.perf_counter()
     try:
       params = params if params is not None else SamplingParams()
-      if not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-      params.validate()
-      prompt_ids = self._tokenize(prompt)
-      params = self._check_params(params)
-      max_tokens = self._check_length(prompt_ids, params)
+      if not isinstance(priority, (int, np.integer)) or isinstance(priority, bool) or not (
+          -2**62 <= priority < 2**62):
+        raise ValueError(f"priority must be an integer (lower is served first), got {priority!r}")
+      prompt_ids, params, max_tokens, grammar = self.check_request(prompt, params)
     except (ValueError, TypeError, UnicodeError) as e:
       self._failed[request_id] = RequestOutput(
           request_id, prompt, [], [CompletionOutput(0, "", [], "error")], True,
@@ -255,8 +260,36 @@ class Engine:
     self.scheduler.add(Request(
         request_id, prompt_ids, params, arrival, seed, max_tokens,
         detokenizer_factory=(lambda: tok.detokenizer(prompt_ids, skip)) if tok else None,
-        stream=stream))
+        stream=stream, grammar=grammar, priority=priority))
     return request_id
+
+  def check_request(self, prompt: Prompt, params: SamplingParams
+                    ) -> tuple[list[int], SamplingParams, int, object]:
+    """Every check a request passes before it is queued, without queueing it:
+    returns its prompt ids, the params it runs with, its most output tokens and
+    its compiled grammar (or None); raises ValueError naming the problem. Safe
+    to call from any thread (it reads the tokenizer and the config only), e.g.
+    to validate a Batch API upload while the engine runs."""
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    params.validate()
+    prompt_ids = self._tokenize(prompt)
+    params = self._check_params(params)
+    max_tokens = self._check_length(prompt_ids, params)
+    return prompt_ids, params, max_tokens, self._compile_grammar(params)
+
+  def _compile_grammar(self, params: SamplingParams):
+    """The request's structured_outputs compiled for this tokenizer (cached by
+    the spec: the thousandth request with one schema reuses the first's work)."""
+    spec = params.structured_outputs
+    if spec is None:
+      return None
+    if self.tokenizer is None:
+      raise ValueError("structured_outputs needs a tokenizer (the grammar is over text)")
+    if self._grammars is None:
+      from engine.grammar import GrammarCompiler
+      self._grammars = GrammarCompiler(self.tokenizer, vocab_size=self.model_config.vocab_size)
+    return self._grammars.compile(spec, "structured_outputs")
 
   def _check_params(self, params: SamplingParams) -> SamplingParams:
     """The checks that need the model: every value bound for a device array must
@@ -374,8 +407,12 @@ class Engine:
     shapes every step fits in; a step whose own shape is not compiled yet runs
     padded into one of them while its own compiles in a background thread, so
     the engine starts sooner and compiles only the shapes its work uses
-    (`Runner.shape_for`)."""
-    return self.runner.warmup(background=background)
+    (`Runner.shape_for`). With a host KV tier, its page copies too."""
+    t0 = time.perf_counter()
+    self.runner.warmup(background=background)
+    if self.config.host_kv_cache_bytes is not None:
+      self.runner.warm_copies()
+    return time.perf_counter() - t0
 
   def get_output(self, request_id: str) -> RequestOutput:
     if request_id in self._failed:
@@ -434,7 +471,8 @@ class Engine:
           if req is None:
             exhausted = True
             break
-          rid = self.add_request(req.prompt, req.params, req.request_id, stream=stream)
+          rid = self.add_request(req.prompt, req.params, req.request_id, stream=stream,
+                                 priority=req.priority)
           if rid in self._failed:
             out = self.get_output(rid)
             out.prompt = req.prompt

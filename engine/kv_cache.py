@@ -57,6 +57,9 @@ class PageAllocator:
     self._page_of: dict[bytes, int] = {}  # key -> page
     self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
     self.evictions = 0
+    # With a host tier (engine/kv_host.py): called with the pages an allocation
+    # evicted and their keys, before any later step can overwrite them.
+    self.on_evict = None
 
   @property
   def num_free(self) -> int:
@@ -78,11 +81,17 @@ class PageAllocator:
   def allocate(self, n: int) -> list[int]:
     if n > self.num_free:
       raise OutOfPages(f"asked for {n} pages, {self.num_free} free")
+    evicted, keys = [], []
     while len(self._free) < n:
       page, _ = self._evictable.popitem(last=False)  # least recently released
-      del self._page_of[self._key_of.pop(page)]
+      key = self._key_of.pop(page)
+      del self._page_of[key]
+      evicted.append(page)
+      keys.append(key)
       self._free.append(page)
       self.evictions += 1
+    if evicted and self.on_evict is not None:
+      self.on_evict(evicted, keys)
     pages = [self._free.popleft() for _ in range(n)]
     for p in pages:
       self._refs[p] = 1
@@ -151,6 +160,9 @@ class KVCacheManager:
                capacity: int = 1):
     self.page_size = page_size
     self.allocator = PageAllocator(num_pages)
+    self.host = None  # the host tier (engine/kv_host.HostTier), see attach_host
+    # The last reuse_prefix's host hit: tokens found there, copied back, recomputed.
+    self.last_host = (0, 0, 0)
     # The runner's scratch page (index num_pages, owned by no sequence): a block-table
     # entry whose page a sliding window has released points there.
     self.scratch = num_pages
@@ -225,6 +237,7 @@ class KVCacheManager:
     key, found, keys = b"", [], []
     s = self.page_size
     most = len(tokens) - 1 if limit is None else min(len(tokens) - 1, limit)
+    j = 0
     for j in range(most // s):
       key = page_hash(key, tokens[j * s:(j + 1) * s])
       page = self.allocator.lookup(key)
@@ -233,10 +246,55 @@ class KVCacheManager:
       self.allocator.acquire(page)
       found.append(page)
       keys.append(key)
+    else:
+      j = most // s
+    self.last_host = (0, 0, 0)
+    if self.host is not None and j < most // s:
+      self._reuse_from_host(tokens, j, most // s, key, found, keys)
     self.tables[slot, :len(found)] = found
     self.num_pages[slot] = self.num_keys[slot] = len(found)
     self.keys[slot] = keys
     return len(found) * s
+
+  def attach_host(self, host, save, load, prefer_copy) -> None:
+    """Puts a host tier under the device pool. save(pages) -> the device arrays
+    of those pages (a gather dispatched now, so before any later step writes
+    them); load(pages, rows) writes host rows into device pages (dispatched now,
+    so before the step that reads them); prefer_copy(context tokens, tokens,
+    tokens after them): whether copying a host hit back beats recomputing it."""
+    self.host, self._load, self.prefer_copy = host, load, prefer_copy
+    self.allocator.on_evict = lambda pages, keys: host.put(keys, save(pages))
+
+  def _reuse_from_host(self, tokens: np.ndarray, j: int, end: int, key: bytes,
+                       found: list[int], keys: list[bytes]) -> None:
+    """Extends a device prefix hit (pages before j; `key` is page j's key, a
+    device miss) with the consecutive pages the host tier holds, if copying
+    them back is priced cheaper than recomputing them and the pool has room:
+    they get fresh device pages, published under their keys, their rows
+    written in at once (ahead of any step that reads them)."""
+    s = self.page_size
+    hits = []
+    while key in self.host:
+      hits.append(key)
+      j += 1
+      if j >= end:
+        break
+      key = page_hash(key, tokens[j * s:(j + 1) * s])
+    if not hits:
+      return
+    n = len(hits) * s
+    rest = len(tokens) - (len(found) + len(hits)) * s
+    if not self.prefer_copy(len(found) * s, n, rest) or len(hits) > self.allocator.num_free:
+      self.last_host = (n, 0, n)
+      return
+    rows = self.host.take(hits)  # before allocating: that may evict host entries
+    pages = self.allocator.allocate(len(hits))
+    self._load(pages, rows)
+    for page, k in zip(pages, hits):
+      self.allocator.cache(page, k)
+    self.last_host = (n, n, 0)
+    found += pages
+    keys += hits
 
   def publish(self, slot: int, tokens: np.ndarray, upto: int) -> None:
     """Offers every full page among the slot's first `upto` tokens (computed by a

@@ -39,7 +39,7 @@ from engine import sampling
 from engine.kv_cache import KVCacheManager
 
 _COUNTS = ("n_prompt", "n_out", "inflight", "computed", "limit", "min_tokens", "last_row",
-           "logprobs")
+           "logprobs", "priority")
 
 
 class LiveBatch:
@@ -50,7 +50,8 @@ class LiveBatch:
   so the memory behind it is only what sequences have written. `stop_ids[slot]`
   are the ids that end the sequence (EOS unless ignore_eos, and stop_token_ids;
   -1 pads), which are also the ids min_tokens bans. `order[slot]` is the arrival
-  order (preemption takes the newest), `running[slot]` whether the sequence
+  order and `priority[slot]` the request's priority (preemption takes the newest
+  of the lowest priority, the largest value), `running[slot]` whether the sequence
   holds pages, `finished[slot]` whether it has ended (its slot is freed once
   nothing is in flight).
   """
@@ -68,6 +69,7 @@ class LiveBatch:
     self.finished = np.zeros(0, bool)
     self.needs_text = np.zeros(0, bool)  # streams or has stop strings: text per token
     self.penalized = np.zeros(0, bool)
+    self.constrained = np.zeros(0, bool)  # has a grammar (structured outputs)
     self.tokens = np.zeros((0, max_model_len), np.int32)
     self.stop_ids = np.full((0, 1), -1, np.int32)
     self.sampling = sampling.SamplingTable(1, vocab_size)
@@ -76,7 +78,8 @@ class LiveBatch:
   def grow(self, capacity: int) -> None:
     """More slots (doubling when full); rows keep their contents."""
     old = self.capacity
-    for name in _COUNTS + ("order", "running", "finished", "needs_text", "penalized"):
+    for name in _COUNTS + ("order", "running", "finished", "needs_text", "penalized",
+                 "constrained"):
       a = getattr(self, name)
       b = np.zeros(capacity, a.dtype)
       b[:old] = a
@@ -108,11 +111,13 @@ class LiveBatch:
     for name, value in (("n_prompt", n), ("n_out", 0), ("inflight", 0), ("computed", 0),
                         ("limit", seq.request.max_tokens), ("min_tokens", p.min_tokens),
                         ("last_row", -1), ("order", seq.arrival_order),
-                        ("logprobs", -1 if p.logprobs is None else p.logprobs)):
+                        ("logprobs", -1 if p.logprobs is None else p.logprobs),
+                        ("priority", seq.request.priority)):
       getattr(self, name)[slot] = value
     self.running[slot] = self.finished[slot] = False
     self.needs_text[slot] = seq.out.needs_text
     self.penalized[slot] = p.uses_penalties
+    self.constrained[slot] = seq.matcher is not None
     if len(stop_ids) > self.stop_ids.shape[1]:
       wider = np.full((self.capacity, len(stop_ids)), -1, np.int32)
       wider[:, :self.stop_ids.shape[1]] = self.stop_ids
@@ -134,9 +139,9 @@ class LiveBatch:
     return self.n_prompt[slots] + self.n_out[slots] + self.inflight[slots]
 
   def running_slots(self) -> np.ndarray:
-    """Slots holding pages, oldest sequence first."""
+    """Slots holding pages, by priority (the lowest value first), then oldest first."""
     slots = np.flatnonzero(self.running)
-    return slots[np.argsort(self.order[slots], kind="stable")]
+    return slots[np.lexsort((self.order[slots], self.priority[slots]))]
 
   def output_ids(self, slot: int) -> list[int]:
     n = int(self.n_prompt[slot])

@@ -65,6 +65,21 @@ class Metrics:
                                     "Prompt tokens found in the prefix cache", registry=r)
     self.evictions = prom.Counter(p + "prefix_cache_evictions",
                                   "Cached pages evicted to make room", registry=r)
+    # The host tier (engine/kv_host.py).
+    self.host_hits = prom.Counter(p + "kv_host_hit_tokens",
+                                  "Prompt tokens found in the host KV tier (past the device's "
+                                  "prefix hit)", registry=r)
+    self.host_loaded = prom.Counter(p + "kv_host_loaded_tokens", "Host-tier hit tokens copied "
+                                    "back to the device (recomputation avoided)", registry=r)
+    self.host_declined = prom.Counter(p + "kv_host_recomputed_tokens", "Host-tier hit tokens "
+                                      "recomputed instead (priced cheaper, or no room)",
+                                      registry=r)
+    self.host_bytes = prom.Counter(p + "kv_host_bytes", "KV bytes moved between the tiers",
+                                   ["direction"], registry=r)
+    self.host_evictions = prom.Counter(p + "kv_host_evictions",
+                                       "Pages dropped from the full host tier", registry=r)
+    self.host_pages = prom.Gauge(p + "kv_host_pages", "Pages held by the host tier",
+                                 registry=r)
     self.preemptions = prom.Counter(p + "preemptions", "Sequences preempted (recomputed later)",
                                     registry=r)
     self.prompt_tokens = prom.Counter(p + "prompt_tokens", "Prompt tokens of admitted requests",
@@ -207,7 +222,20 @@ class Metrics:
         "requests_waiting": int(value("ridgeline_requests_waiting")),
         "prefix_cache": {"queried_tokens": int(queries), "hit_tokens": int(hits),
                          "hit_rate": hits / queries if queries else 0.0,
-                         "evictions": int(value("ridgeline_prefix_cache_evictions_total"))},
+                         "evictions": int(value("ridgeline_prefix_cache_evictions_total")),
+                         "host_tier": {
+                             "hit_tokens": int(value("ridgeline_kv_host_hit_tokens_total")),
+                             "hit_rate": (value("ridgeline_kv_host_hit_tokens_total") / queries
+                                          if queries else 0.0),
+                             "loaded_tokens": int(value("ridgeline_kv_host_loaded_tokens_total")),
+                             "recomputed_tokens": int(value(
+                                 "ridgeline_kv_host_recomputed_tokens_total")),
+                             "bytes_to_host": int(value("ridgeline_kv_host_bytes_total",
+                                                        direction="to_host")),
+                             "bytes_to_device": int(value("ridgeline_kv_host_bytes_total",
+                                                          direction="to_device")),
+                             "evictions": int(value("ridgeline_kv_host_evictions_total")),
+                             "pages": int(value("ridgeline_kv_host_pages"))}},
         "preemptions": int(value("ridgeline_preemptions_total")),
         "prompt_tokens": int(value("ridgeline_prompt_tokens_total")),
         "generation_tokens": int(value("ridgeline_generation_tokens_total")),

@@ -14,7 +14,12 @@ Fields: OpenAI's `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`,
 `top_logprobs`, `stream`, `stream_options.include_usage`; `user`, `metadata`,
 `store`, `service_tier` accepted and ignored; vLLM's extras `top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
-`skip_special_tokens`, `include_stop_str_in_output`. Chat message `content` is a
+`skip_special_tokens`, `include_stop_str_in_output`. Structured outputs (one of):
+OpenAI's `response_format` (`json_object`, `json_schema`; `strict` or not, the
+schema is always enforced), vLLM's `structured_outputs` (`json`, `regex`,
+`choice`, `grammar`, `json_object`) and its older `guided_json`, `guided_regex`,
+`guided_choice`, `guided_grammar` (`guided_decoding_backend` and
+`guided_whitespace_pattern` accepted and ignored). Chat message `content` is a
 string or an array of text parts (joined with newlines, as vLLM does).
 """
 
@@ -29,6 +34,7 @@ from typing import Any, Literal, Sequence, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from engine.grammar import STRUCTURED_KEYS, GrammarError, GrammarSpec
 from engine.sampling import MAX_LOGPROBS, SamplingParams
 
 CHAT_URL = "/v1/chat/completions"
@@ -109,6 +115,18 @@ class _Common(_Strict):
   stop_token_ids: list[StrictInt] | None = None
   skip_special_tokens: StrictBool | None = None
   include_stop_str_in_output: StrictBool | None = None
+  # Structured outputs (engine/grammar.py): OpenAI's response_format, vLLM's
+  # structured_outputs, and vLLM's older guided_* names for the same.
+  response_format: dict[str, Any] | None = None
+  structured_outputs: dict[str, Any] | None = None
+  guided_json: dict[str, Any] | StrictStr | None = None
+  guided_regex: StrictStr | None = None
+  guided_choice: list[StrictStr] | None = None
+  guided_grammar: StrictStr | None = None
+  guided_json_object: StrictBool | None = None
+  guided_decoding_backend: StrictStr | None = None  # accepted and ignored (one backend)
+  guided_whitespace_pattern: StrictStr | None = None  # accepted and ignored
+  priority: StrictInt = 0  # vLLM's: lower is served first (admitted, kept under preemption)
 
 
 class ChatRequest(_Common):
@@ -215,6 +233,7 @@ class ParsedRequest:
   include_usage: bool = False
   model: str | None = None
   echo: bool = False  # completions: the prompt (and its logprobs) before the completion
+  priority: int = 0
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
@@ -255,6 +274,34 @@ def _sampling_error(e: Exception, renames: dict[str, str]) -> OpenAIError:
   if param and field != param:
     msg = param + msg[len(field):]
   return OpenAIError(f"Invalid value for '{param}': {msg}" if param else msg, param)
+
+
+_GUIDED = {f"guided_{k}": k for k in STRUCTURED_KEYS}
+
+
+def _structured_outputs(req: _Common) -> GrammarSpec | None:
+  """The one constraint a request gives (response_format, structured_outputs or
+  a guided_* field), checked; errors name the field."""
+  given = [f for f in ("response_format", "structured_outputs", *_GUIDED)
+           if getattr(req, f) not in (None, False)]
+  if isinstance(req.response_format, dict) and req.response_format.get("type") == "text":
+    given.remove("response_format")  # unconstrained, as if absent
+  if len(given) > 1:
+    raise OpenAIError(f"give one output constraint, not {' and '.join(given)}", given[1])
+  if not given:
+    return None
+  field = given[0]
+  try:
+    if field == "response_format":
+      return GrammarSpec.from_response_format(req.response_format)
+    if field == "structured_outputs":
+      return GrammarSpec.from_structured_outputs(req.structured_outputs)
+    return GrammarSpec.from_structured_outputs({_GUIDED[field]: getattr(req, field)}, field)
+  except GrammarError as e:
+    message = str(e)
+    if field.startswith("guided_"):  # "guided_json.json: ..." -> "guided_json: ..."
+      message = message.replace(f"{field}.{_GUIDED[field]}", field, 1)
+    raise OpenAIError(message, field) from None
 
 
 def _content_text(message: Message, i: int) -> str:
@@ -328,6 +375,9 @@ def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedR
   echo = kind == "completion" and bool(req.echo)
   if echo and top_logprobs is not None:  # the prompt's own log-probabilities too
     sampling["prompt_logprobs"] = top_logprobs
+  spec = _structured_outputs(req)
+  if spec is not None:
+    sampling["structured_outputs"] = spec
   try:
     params = SamplingParams.from_dict(sampling)
   except (ValueError, TypeError) as e:
@@ -335,8 +385,12 @@ def parse_request(kind: str, body: Any, defaults: dict | None = None) -> ParsedR
   opts = req.stream_options
   if opts is not None and not req.stream:
     raise OpenAIError("stream_options is only allowed with stream: true", "stream_options")
+  if not -2**62 <= req.priority < 2**62:
+    raise OpenAIError(f"priority must be an integer in [-2**62, 2**62), got {req.priority}",
+                      "priority")
   return ParsedRequest(kind, prompts, params, top_logprobs, req.stream,
-                       bool(opts and opts.include_usage), req.model, echo=echo)
+                       bool(opts and opts.include_usage), req.model, echo=echo,
+                       priority=req.priority)
 
 
 def engine_error(message: str, kind: str) -> OpenAIError:

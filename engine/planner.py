@@ -161,6 +161,28 @@ class Planner:
       budget //= 2
     return Plan(batch, max(budget, 1), self.ridge)
 
+  def prefer_copy(self, context: int, tokens: int, rest: int) -> bool:
+    """A host-tier hit of `tokens` prompt tokens after `context` cached ones, with
+    `rest` more to compute after them: copy its pages back (True) or recompute
+    them? The copy: the pages' bytes over the host link. The recompute: what
+    those tokens add to the prefill step that computes the rest anyway (its
+    roofline time with them, minus without: their FLOPs, their K/V and the
+    attention reads they add, the weights being read once either way; the
+    whole step's when nothing else would run). `host_kv_policy` "copy" or
+    "recompute" forces the answer."""
+    policy = self.config.host_kv_policy
+    if policy != "price":
+      return policy == "copy"
+    copy = tokens * self.kv_bytes_per_token / self.peaks.host_link_bandwidth
+    with_them = self._seconds(self.cost([(context, tokens + rest)]))
+    without = self._seconds(self.cost([(context + tokens, rest)])) if rest else 0.0
+    self.last_price = (copy, with_them - without)
+    return copy < with_them - without
+
+  @functools.cached_property
+  def kv_bytes_per_token(self) -> float:
+    return self.model_config.kv_bytes_per_token(self.config.kv_dtype)
+
   def shape_seconds(self, shape, context: float) -> float:
     """Roofline seconds of a step of `shape` (decode rows at `context` tokens,
     prefill tokens as one fresh chunk)."""

@@ -37,6 +37,14 @@ class DevicePeaks:
   bandwidth: float
   memory_bytes: float
   measured: bool = False
+  # Host <-> device copies (bytes/s, one direction): what the KV cache's host
+  # tier pays to bring a page back (engine/kv_host.py). None: the device
+  # memory's own bandwidth (a CPU, where "device" memory is host memory).
+  host_bandwidth: float | None = None
+
+  @property
+  def host_link_bandwidth(self) -> float:
+    return self.host_bandwidth if self.host_bandwidth is not None else self.bandwidth
 
   def peak_flops(self, dtype) -> float:
     name = jnp.dtype(dtype).name
@@ -53,19 +61,25 @@ class DevicePeaks:
 
 # Dense peaks from the vendors' datasheets (SXM parts; sparsity not counted).
 # fp32 is the non-tensor-core rate, which is what an fp32 matmul gets by default.
+# Host links: PCIe Gen5 x16 (H100/H200) 64 GB/s a direction, Gen4 x16 (A100, L4)
+# 32 GB/s; GH200's NVLink-C2C 450 GB/s a direction.
+PCIE5, PCIE4, NVLINK_C2C = 64e9, 32e9, 450e9
 PEAKS: dict[str, DevicePeaks] = {
     "H100": DevicePeaks("NVIDIA H100 SXM", {"bfloat16": 989.4 * TERA, "float16": 989.4 * TERA,
                                              "float8": 1978.9 * TERA, "float32": 66.9 * TERA},
-                        3.35e12, 80e9),
+                        3.35e12, 80e9, host_bandwidth=PCIE5),
     "H200": DevicePeaks("NVIDIA H200 SXM", {"bfloat16": 989.4 * TERA, "float16": 989.4 * TERA,
                                              "float8": 1978.9 * TERA, "float32": 66.9 * TERA},
-                        4.8e12, 141e9),
+                        4.8e12, 141e9, host_bandwidth=PCIE5),
+    "GH200": DevicePeaks("NVIDIA GH200", {"bfloat16": 989.4 * TERA, "float16": 989.4 * TERA,
+                                          "float8": 1978.9 * TERA, "float32": 66.9 * TERA},
+                         4.0e12, 96e9, host_bandwidth=NVLINK_C2C),
     "A100": DevicePeaks("NVIDIA A100 80GB SXM", {"bfloat16": 312 * TERA, "float16": 312 * TERA,
                                                   "float32": 19.5 * TERA},
-                        2.039e12, 80e9),
+                        2.039e12, 80e9, host_bandwidth=PCIE4),
     "L4": DevicePeaks("NVIDIA L4", {"bfloat16": 121 * TERA, "float16": 121 * TERA,
                                      "float8": 242.5 * TERA, "float32": 30.3 * TERA},
-                      300e9, 24e9),
+                      300e9, 24e9, host_bandwidth=PCIE4),
 }
 
 

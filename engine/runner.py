@@ -1,31 +1,39 @@
-"""The one jitted step: the model and the sampler over a flat batch of tokens.
+"""The step: the model over a flat batch of tokens, then the sampler.
 
-The model is split once into (graphdef, state); the step is a jitted function of
-the state, not an `nnx.jit` of the module (which would walk the module graph on
-every call). The page pools are donated, so XLA writes the new K/V into the same
-buffers and the old handles are deleted.
+The model is split once into (graphdef, state); each part of the step is a jitted
+function of the state, not an `nnx.jit` of the module (which would walk the
+module graph on every call). The page pools are donated, so XLA writes the new
+K/V into the same buffers and the old handles are deleted.
 
-A step (`StepInputs`) is every decoding sequence's next token and the prefill
-chunks chosen for it, packed as one flat batch (see `attention.StepLayout`):
-the weights are read once per step, for all of its tokens. The same call
-samples every row that needs a token (decode rows, and prefill chunks that end
-their prompt) and returns only the sampled tokens and the log-probabilities
-asked for. A decode row's input token may be one the previous step sampled and
-the host has not read yet: it names that step's output row (`src`), and the
-device takes the token from the previous output directly, so the host can
-dispatch step N+1 before it reads step N.
+A step is every decoding sequence's next token and the prefill chunks chosen for
+it, packed as one flat batch (`ModelInputs`, see `attention.StepLayout`): the
+weights are read once per step, for all of its tokens. It runs as two
+executables, dispatched one after the other without waiting: the model pass
+(`forward`: K/V written, logits of the rows that sample, prompt scores) and the
+sampler (`sample`: every row that needs a token, decode rows and prefill chunks
+that end their prompt; only the sampled tokens and the log-probabilities asked
+for come back). Between the two the host reads the previous step's tokens, so
+the sampler's per-row allowed-token masks (structured outputs: a grammar
+advanced by the token just read) are filled while the model pass runs. A decode
+row's input token may be one the previous step sampled and the host has not read
+yet: it names that step's output row (`src`), and the device takes the token from
+the previous output directly, so the host can dispatch step N+1 before it reads
+step N.
 
 Shapes come from a fixed set (`EngineConfig.step_shapes`): decode rows and
-prefill tokens padded to buckets, block tables at full width. `warmup()`
-compiles all of them ahead of time, in parallel threads (XLA compiles with the
-GIL released), through JAX's persistent compilation cache when it is enabled.
-The runner always runs on a mesh: a 1x1 one when none is given.
+prefill tokens padded to buckets, block tables at full width; the sampler's
+variants follow the number of sample rows. `warmup()` compiles them ahead of
+time, in parallel threads (XLA compiles with the GIL released), through JAX's
+persistent compilation cache when it is enabled, or (background=True) the cover
+shapes first and the rest as they pay for themselves. The runner always runs on a
+mesh: a 1x1 one when none is given.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -96,8 +104,8 @@ class Row:
   pages: Sequence[int]
 
 
-class StepInputs(NamedTuple):
-  """The device inputs of one step (a pytree of int32 arrays plus the sampler's)."""
+class ModelInputs(NamedTuple):
+  """The device inputs of one step's model pass (a pytree of int32 arrays)."""
 
   tokens: np.ndarray  # [N]
   positions: np.ndarray  # [N], -1 for padding
@@ -105,7 +113,6 @@ class StepInputs(NamedTuple):
   src: np.ndarray  # [Bd] previous step's output row of a decode row's token, -1: `tokens`
   layout: attention.StepLayout
   sample_index: np.ndarray  # [R] token whose logits each sample row reads
-  sampler: sampling.SamplerInputs
   # Prompt positions scored (prompt log-probabilities): S of them, 0 when no
   # chunk of the step asks (a bucket otherwise: a variant of its own).
   score_index: np.ndarray  # [S] token whose logits are scored
@@ -121,6 +128,16 @@ class StepOutput(NamedTuple):
   score_logprob: jax.Array  # [S] log-probability of each scored position's target
   score_top_ids: jax.Array  # [S, MAX_LOGPROBS]
   score_top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
+
+
+@dataclasses.dataclass
+class Forwarded:
+  """A step whose model pass is dispatched and whose sampler is not yet."""
+
+  shape: StepShape
+  logits: jax.Array  # [R, V] of the rows that sample
+  scores: tuple  # (logprob [S], top_ids [S, K], top_logprobs [S, K]) on the device
+  dispatched_at: float
 
 
 @dataclasses.dataclass
@@ -177,14 +194,17 @@ class Runner:
     # Step inputs and outputs are small and replicated: every device sees the
     # whole flat batch (its rows' K/V are split by head, its weights by the rules).
     self._replicated = NamedSharding(mesh, P())
-    self._jitted = jax.jit(self._forward, donate_argnums=(1,),
-                           out_shardings=(self._kv_shardings, self._replicated))
+    self._model_jit = jax.jit(self._model_pass, donate_argnums=(1,),
+                              out_shardings=(self._kv_shardings, self._replicated,
+                                             self._replicated))
+    self._sample_jit = jax.jit(self._sample_pass, out_shardings=self._replicated)
     self.max_rows = config.max_sample_rows
     self._table_width = config.max_pages_per_seq
     # The previous step's sampled tokens, read by the next step's decode rows.
     self._prev_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
-    # Compiled variants by shape key; `compilations` counts every compile.
-    self._compiled: dict[tuple, jax.stages.Compiled] = {}
+    # Compiled variants by key (`_model_key`, `_sampler_key`); `compilations`
+    # counts every compile.
+    self._compiled: dict[tuple, object] = {}
     self._compile_lock = threading.Lock()
     self.compilations = 0
     self._compile_time = 0.0
@@ -192,14 +212,18 @@ class Runner:
     # the shapes queued on it.
     self._background: concurrent.futures.ThreadPoolExecutor | None = None
     self._queued: set[StepShape] = set()
-    # The sampler's part of a standard step's key (no penalties, bans or masks).
-    self._standard_tail = self._key(self.standard_inputs(StepShape(1, 0)))[2:]
+    self.mask_words = -(-model.config.vocab_size // 32)
+    self._no_masks: dict[int, jax.Array] = {}  # rows -> an all-zero mask on the device
+    self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,),
+                            out_shardings=self._kv_shardings)  # the host tier's copies
     self._sub_byte = any(jnp.dtype(x.dtype).itemsize < 1 or jnp.dtype(x.dtype).name in
                          ("int4", "uint4") for x in jax.tree.leaves(self.state))
 
-  # The step -------------------------------------------------------------------------
+  # The two passes -----------------------------------------------------------------
 
-  def _forward(self, state, kv, prev_tokens, inputs: StepInputs):
+  def _model_pass(self, state, kv, prev_tokens, inputs: ModelInputs):
+    """K/V written for every token; logits of the sample rows [R, V]; the prompt
+    scores asked for."""
     model = nnx.merge(self.graphdef, state)
     num_decode = inputs.src.shape[0]
     tokens = inputs.tokens
@@ -213,44 +237,76 @@ class Runner:
     with sharding_lib.rules_in_effect(self.mesh, self._plan):
       logits, kv = model(tokens, inputs.positions, kv, inputs.slots, inputs.layout,
                          index)  # [R + S, V]
-    logits, scored = logits[:rows], logits[rows:]
+    scores = sampling.score(logits[rows:], inputs.score_target, inputs.score_k)
+    return kv, logits[:rows], scores
+
+  def _sample_pass(self, logits, prev_tokens, sampler: sampling.SamplerInputs) -> StepOutput:
     # Penalty history entries the host has not read yet name the previous
     # step's output row that holds them.
-    hsrc = inputs.sampler.history_src
+    hsrc = sampler.history_src
     ids = jnp.where(hsrc >= 0, prev_tokens[jnp.clip(hsrc, 0, self.max_rows - 1)],
-                    inputs.sampler.history_ids)
-    out = sampling.sample(logits, inputs.sampler._replace(history_ids=ids))
+                    sampler.history_ids)
+    out = sampling.sample(logits, sampler._replace(history_ids=ids))
+    rows = logits.shape[0]
     all_tokens = jnp.zeros((self.max_rows,), jnp.int32).at[:rows].set(out.tokens)
-    score = sampling.score(scored, inputs.score_target, inputs.score_k)
-    return kv, StepOutput(all_tokens, out.logprob, out.top_ids, out.top_logprobs, *score)
+    return all_tokens, out.logprob, out.top_ids, out.top_logprobs
 
-  def _key(self, inputs: StepInputs) -> tuple:
-    s = inputs.sampler
-    return (inputs.src.shape[0], inputs.tokens.shape[0] - inputs.src.shape[0],
-            s.banned.shape[1], s.history_rows.shape[0], s.allowed.shape,
+  @staticmethod
+  def _model_key(inputs: ModelInputs) -> tuple:
+    return ("model", inputs.src.shape[0], inputs.tokens.shape[0] - inputs.src.shape[0],
             inputs.score_index.shape[0])
 
+  @staticmethod
+  def _sampler_key(sampler: sampling.SamplerInputs) -> tuple:
+    return ("sample", sampler.temperature.shape[0], sampler.banned.shape[1],
+            sampler.history_rows.shape[0])
+
   def sample_rows(self, shape: StepShape) -> int:
-    """Sample rows of a step: one per decode row (padding included), then one
-    per prefilled sequence the prefill region can hold. Decode row i samples
-    into output row i, chunk j into row shape.decode + j."""
-    tiles = shape.prefill // self.config.prefill_tile
-    return shape.decode + (min(self.config.max_prefill_batch, tiles) if tiles else 0)
+    return self.config.sample_rows(shape)
+
+  def forward(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk]
+              ) -> Forwarded:
+    """Dispatches a step's model pass (asynchronously)."""
+    inputs = self.build(shape, decode, chunks)
+    key = self._model_key(inputs)
+    compiled = self._compiled.get(key) or self._compile_model(inputs)
+    t0 = time.perf_counter()
+    self.kv, logits, scores = compiled(self.state, self.kv, self._prev_tokens, inputs)
+    return Forwarded(shape, logits, scores, t0)
+
+  def sample(self, forwarded: Forwarded, sampler: sampling.SamplerInputs) -> Pending:
+    """Dispatches a step's sampler (asynchronously): `sampler` has
+    `sample_rows(shape)` rows; its `allowed` masks may be None (no row has one)."""
+    sampler = self.with_masks(sampler)
+    key = self._sampler_key(sampler)
+    compiled = self._compiled.get(key) or self._compile_sampler(sampler)
+    tokens, logprob, top_ids, top_lp = compiled(forwarded.logits, self._prev_tokens, sampler)
+    self._prev_tokens = tokens
+    out = StepOutput(tokens, logprob, top_ids, top_lp, *forwarded.scores)
+    return Pending(out, forwarded.dispatched_at, bool(sampler.logprobs.any()),
+                   forwarded.scores[0].shape[0] > 0)
 
   def dispatch(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk],
                sampler: sampling.SamplerInputs) -> Pending:
-    """Runs one step asynchronously; `sampler` has `sample_rows(shape)` rows."""
-    inputs = self.build(shape, decode, chunks, sampler)
-    compiled = self._compiled.get(self._key(inputs)) or self._compile(inputs)
-    t0 = time.perf_counter()
-    self.kv, out = compiled(self.state, self.kv, self._prev_tokens, inputs)
-    self._prev_tokens = out.tokens
-    return Pending(out, t0, bool(sampler.logprobs.any()), inputs.score_index.shape[0] > 0)
+    """A whole step: the model pass, then the sampler."""
+    return self.sample(self.forward(shape, decode, chunks), sampler)
 
-  def build(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk],
-            sampler: sampling.SamplerInputs) -> StepInputs:
-    """The host arrays of a step: the decode region as whole-array operations
-    (no Python per row), then a few lines per prefill chunk."""
+  def with_masks(self, sampler: sampling.SamplerInputs) -> sampling.SamplerInputs:
+    """The sampler's inputs with a mask array of every row: an all-zero one kept
+    on the device when no row has a mask (not sent each step), so masked and
+    unmasked steps share one compiled sampler."""
+    if sampler.allowed is not None:
+      return sampler
+    rows = sampler.temperature.shape[0]
+    if rows not in self._no_masks:
+      self._no_masks[rows] = jax.device_put(np.zeros((rows, self.mask_words), np.uint32),
+                                            self._replicated)
+    return sampler._replace(allowed=self._no_masks[rows])
+
+  def build(self, shape: StepShape, decode: DecodeRows, chunks: Sequence[Chunk]
+            ) -> ModelInputs:
+    """The host arrays of a step's model pass: the decode region as whole-array
+    operations (no Python per row), then a few lines per prefill chunk."""
     cfg = self.config
     num_decode, num_prefill = shape.decode, shape.prefill
     tile, page = cfg.prefill_tile, cfg.page_size
@@ -309,7 +365,7 @@ class Runner:
     if n_score:
       for a, parts in zip(scores, (score_index, score_target, score_k)):
         a[:n_score] = np.concatenate(parts)
-    return StepInputs(tokens, positions, slots, src, layout, sample_index, sampler, *scores)
+    return ModelInputs(tokens, positions, slots, src, layout, sample_index, *scores)
 
   @property
   def score_buckets(self) -> tuple[int, ...]:
@@ -334,14 +390,30 @@ class Runner:
 
   # Compilation ------------------------------------------------------------------------
 
-  def _compile(self, inputs: StepInputs) -> jax.stages.Compiled:
-    t0 = time.perf_counter()
-    key = self._key(inputs)
+  def _model_args(self, inputs: ModelInputs, placement) -> tuple:
+    """Abstract arguments of the model pass: weights and pools placed by
+    `placement(array)`, then the previous tokens and the inputs (replicated)."""
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement(x))  # noqa: E731
+    return (jax.tree.map(like, self.state), jax.tree.map(like, self.kv),
+            self._abstract(np.zeros(self.max_rows, np.int32)), self._abstract(inputs))
+
+  def _sampler_args(self, sampler: sampling.SamplerInputs) -> tuple:
+    rows = sampler.temperature.shape[0]
+    logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32,
+                                  sharding=self._replicated)
+    return (logits, self._abstract(np.zeros(self.max_rows, np.int32)),
+            self._abstract(self.with_masks(sampler)))
+
+  def _abstract(self, tree):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), tree)
+
+  def _compile_model(self, inputs: ModelInputs):
     # Weights and pools by their formats (layout + sharding), not just their shapes:
     # sub-byte arrays (int4 weights) can be laid out packed or not, and the compiled
     # step must take them as they lie.
-    args = self._arg_specs(inputs, lambda x: x.format)
-    compile_now = lambda: self._jitted.lower(*args).compile()  # noqa: E731
+    args = self._model_args(inputs, lambda x: x.format)
+    compile_now = lambda: self._model_jit.lower(*args).compile()  # noqa: E731
     if self._sub_byte:
       # An ahead-of-time executable insists on the packed layout of int4 weights,
       # which arrays placed from the host do not have; jit's own dispatch adapts
@@ -350,44 +422,58 @@ class Runner:
       # every shape twice.
       if jax.config.jax_compilation_cache_dir:
         compile_now()
-      compiled = self._jitted
-    else:
-      compiled = compile_now()
+      return self._store(self._model_key(inputs), self._model_jit, 0.0)
+    t0 = time.perf_counter()
+    return self._store(self._model_key(inputs), compile_now(), time.perf_counter() - t0)
+
+  def _compile_sampler(self, sampler: sampling.SamplerInputs):
+    t0 = time.perf_counter()
+    compiled = self._sample_jit.lower(*self._sampler_args(sampler)).compile()
+    return self._store(self._sampler_key(sampler), compiled, time.perf_counter() - t0)
+
+  def _store(self, key: tuple, compiled, seconds: float):
+    """Keeps a compiled executable (the first, if two threads compiled one key)."""
     with self._compile_lock:
-      self._compiled.setdefault(key, compiled)
-      self.compilations += 1
-      self._compile_time += time.perf_counter() - t0
+      if key not in self._compiled:
+        self._compiled[key] = compiled
+        self.compilations += 1
+        self._compile_time += seconds
     return self._compiled[key]
 
+  def _compile_shape(self, shape: StepShape) -> None:
+    """The model pass of a standard step of `shape` and its sampler, unless compiled."""
+    if self._standard_key(shape) not in self._compiled:
+      self._compile_model(self.standard_inputs(shape))
+    sampler = self.standard_sampler(shape)
+    if self._sampler_key(sampler) not in self._compiled:
+      self._compile_sampler(sampler)
+
   def export(self, shape: StepShape, platforms: Sequence[str] = ("cuda",),
-             sampler: sampling.SamplerInputs | None = None) -> jax.export.Exported:
-    """The step of `shape` (with `sampler`'s sampling inputs, default plain ones)
-    lowered for `platforms` with jax.export, on any host (a CPU lowers for CUDA):
-    a shape or dtype that only the GPU path rejects fails here, in a CPU test,
-    rather than on a lent GPU. The Pallas kernel's Triton calls are allowed (they
-    have no compatibility guarantee across jax versions, which does not matter
-    for a check)."""
+             sampler: sampling.SamplerInputs | None = None
+             ) -> tuple[jax.export.Exported, jax.export.Exported]:
+    """The model pass and the sampler of a step of `shape` (with `sampler`'s inputs,
+    default plain ones) lowered for `platforms` with jax.export, on any host (a CPU
+    lowers for CUDA): a shape or dtype that only the GPU path rejects fails here,
+    in a CPU test, rather than on a lent GPU. The Pallas kernel's Triton calls are
+    allowed (they have no compatibility guarantee across jax versions, which does
+    not matter for a check)."""
     shape = StepShape(*shape)
-    inputs = (self.standard_inputs(shape) if sampler is None
-              else self.build(shape, self.no_decode, [], sampler))
-    args = self._arg_specs(inputs, lambda x: x.sharding)
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    return jax.export.export(self._jitted, platforms=platforms, disabled_checks=checks)(*args)
+    model = jax.export.export(self._model_jit, platforms=platforms, disabled_checks=checks)(
+        *self._model_args(self.standard_inputs(shape), lambda x: x.sharding))
+    sampler = sampler if sampler is not None else self.standard_sampler(shape)
+    sample = jax.export.export(self._sample_jit, platforms=platforms)(
+        *self._sampler_args(sampler))
+    return model, sample
 
-  def _arg_specs(self, inputs: StepInputs, placement) -> tuple:
-    """Abstract arguments of the jitted step: weights and pools placed by
-    `placement(array)`, then the previous tokens and the inputs (replicated)."""
-    spec = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), inputs)
-    prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=self._replicated)
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement(x))  # noqa: E731
-    return jax.tree.map(like, self.state), jax.tree.map(like, self.kv), prev, spec
+  def standard_inputs(self, shape: StepShape) -> ModelInputs:
+    """The model pass's inputs of `shape` (no scoring)."""
+    return self.build(StepShape(*shape), self.no_decode, [])
 
-  def standard_inputs(self, shape: StepShape) -> StepInputs:
-    """Inputs of `shape` as a workload without penalties or masks sends them."""
-    shape = StepShape(*shape)
-    return self.build(shape, self.no_decode, [], sampling.inputs_for(
-        [], self.sample_rows(shape), self.model_config.vocab_size))
+  def standard_sampler(self, shape: StepShape) -> sampling.SamplerInputs:
+    """Sampler inputs of `shape` as a workload without penalties or bans sends them."""
+    return sampling.inputs_for([], self.sample_rows(StepShape(*shape)),
+                               self.model_config.vocab_size)
 
   @property
   def no_decode(self) -> DecodeRows:
@@ -395,7 +481,8 @@ class Runner:
     return DecodeRows(empty, empty, empty, np.zeros((0, self._table_width), np.int32))
 
   def warmup(self, threads: int | None = None, *, background: bool = False) -> float:
-    """Compiles the standard step shapes; returns the seconds it took.
+    """Compiles the standard step shapes (each shape's model pass and the sampler
+    of its rows); returns the seconds it took.
 
     background=False: every shape now, in parallel threads. background=True:
     only the cover shapes now (the largest decode-only and the largest mixed
@@ -411,12 +498,15 @@ class Runner:
     if background:
       self._background = concurrent.futures.ThreadPoolExecutor(1, "ridgeline-compile")
       shapes = self.cover_shapes()
-    todo = [self.standard_inputs(s) for s in shapes]
-    todo = [x for x in todo if self._key(x) not in self._compiled]
+    todo = [functools.partial(self._compile_model, self.standard_inputs(s))
+            for s in shapes if self._standard_key(s) not in self._compiled]
+    samplers = {self._sampler_key(x): x for x in map(self.standard_sampler, shapes)}
+    todo += [functools.partial(self._compile_sampler, x) for k, x in samplers.items()
+             if k not in self._compiled]
     threads = threads or max(1, min(len(todo), os.cpu_count() or 1))
     if todo:
       with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(self._compile, todo))
+        list(pool.map(lambda compile_: compile_(), todo))
     if background and self.compile_seconds < CACHED_COMPILE_SECONDS:
       # The cover shapes came from the persistent cache, so the others are likely
       # there too: load them all now, in the background (~0.4 s each).
@@ -435,7 +525,7 @@ class Runner:
     """The shape a step of `shape` runs as: its own if it is compiled, or unless
     shapes compile in the background; else the smallest compiled standard shape
     that holds it (a decode-only one for a decode-only step, if any)."""
-    if self._background is None or self._standard_key(shape) in self._compiled:
+    if self._background is None or self._ready(shape):
       return shape
     fits = [s for s in self._compiled_standard()
             if s.decode >= shape.decode and s.prefill >= shape.prefill]
@@ -448,32 +538,89 @@ class Runner:
   def compile_later(self, shape: StepShape) -> None:
     """Queues `shape` to compile in the background thread (once)."""
     with self._compile_lock:
-      if (self._background is None or shape in self._queued
-          or self._standard_key(shape) in self._compiled):
+      if self._background is None or shape in self._queued or self._ready(shape):
         return
       self._queued.add(shape)
-    self._background.submit(self._compile, self.standard_inputs(shape))
+    self._background.submit(self._compile_shape, shape)
 
   @property
   def compile_seconds(self) -> float:
     """The mean wall seconds a variant took to compile so far (2 before any)."""
     return self._compile_time / self.compilations if self.compilations else 2.0
 
+  def _ready(self, shape: StepShape) -> bool:
+    """Whether a standard step of `shape` runs without compiling."""
+    return all(k in self._compiled for k in self.standard_keys(shape))
+
+  def standard_keys(self, shape: StepShape) -> tuple[tuple, tuple]:
+    """The keys of a standard step's model pass and sampler."""
+    return (self._standard_key(shape),
+            ("sample", self.sample_rows(shape), sampling.BAN_WIDTH, sampling.HISTORY_TOKENS))
+
   def _standard_key(self, shape: StepShape) -> tuple:
-    return (shape.decode, shape.prefill) + self._standard_tail
+    return ("model", shape.decode, shape.prefill, 0)
 
   def _compiled_standard(self) -> list[StepShape]:
-    tail = self._standard_tail
-    return [StepShape(k[0], k[1]) for k in list(self._compiled) if k[2:] == tail]
+    return [StepShape(k[1], k[2]) for k in list(self._compiled)
+            if k[0] == "model" and k[3] == 0 and self._ready(StepShape(k[1], k[2]))]
 
   @property
   def variants(self) -> set[tuple]:
-    """Shape keys compiled so far."""
+    """Keys of the executables compiled so far (model passes and samplers)."""
     return set(self._compiled)
 
   def hlo_text(self, shape: StepShape) -> str:
-    inputs = self.standard_inputs(shape)
-    return (self._compiled.get(self._key(inputs)) or self._compile(inputs)).as_text()
+    """The compiled model pass of `shape` (where the page pools are donated)."""
+    shape = StepShape(*shape)
+    compiled = self._compiled.get(self._standard_key(shape)) or self._compile_model(
+        self.standard_inputs(shape))
+    return compiled.as_text()
+
+  # The host tier's copies (engine/kv_host.py) --------------------------------------------
+
+  def save_pages(self, pages: Sequence[int]) -> list[jax.Array]:
+    """The pools' rows of `pages`, gathered now (dispatched before any later step
+    writes them): one device array per pool leaf, page-major, padded to a power
+    of two of rows (one compiled gather per width)."""
+    return _gather_pages(self.kv, self._page_index(pages))
+
+  def load_pages(self, pages: Sequence[int], rows: Sequence) -> None:
+    """Writes rows (per pool leaf, [len(pages), ...]; numpy, or device arrays not
+    yet moved to the host) into device `pages`, dispatched now (before the step
+    that reads them), the pools donated."""
+    idx = self._page_index(pages)
+    padded = []
+    for r in rows:
+      extra = len(idx) - len(r)
+      if isinstance(r, np.ndarray):
+        padded.append(np.concatenate([r, np.zeros((extra,) + r.shape[1:], r.dtype)]))
+      else:  # rows still on the device (gathered since the host tier last settled)
+        padded.append(jnp.concatenate([r, jnp.zeros((extra,) + r.shape[1:], r.dtype)]))
+    self.kv = self._scatter(self.kv, idx, padded)
+
+  def warm_copies(self) -> None:
+    """Compiles the host tier's gathers and scatters of every width up front."""
+    width = 1
+    while True:
+      rows = self.save_pages([self.num_pages] * width)
+      self.load_pages([self.num_pages] * width, rows)
+      if width >= self.num_pages:
+        break
+      width *= 2
+    jax.block_until_ready(self.kv)
+
+  def _page_index(self, pages: Sequence[int]) -> np.ndarray:
+    """`pages`, padded with the scratch page to a power of two."""
+    n = len(pages)
+    idx = np.full(1 << max(0, (n - 1).bit_length()), self.num_pages, np.int32)
+    idx[:n] = pages
+    return idx
+
+  @property
+  def page_bytes(self) -> int:
+    """Bytes of one page across every layer's pools (8-bit values and scales as
+    they are)."""
+    return sum(x.nbytes // x.shape[0] for x in jax.tree.leaves(self.kv))
 
   # For benchmarks and tests ------------------------------------------------------------
 
@@ -501,3 +648,14 @@ class Runner:
              + [greedy] * len(chunks))
     sampler = sampling.inputs_for(rows_, self.sample_rows(shape), self.model_config.vocab_size)
     return self.dispatch(shape, decode, chunks, sampler).output.tokens
+
+
+@jax.jit
+def _gather_pages(kv, index):
+  return [x[index] for x in jax.tree.leaves(kv)]
+
+
+def _scatter_pages(kv, index, rows):
+  leaves, treedef = jax.tree.flatten(kv)
+  return jax.tree.unflatten(treedef, [x.at[index].set(r.astype(x.dtype))
+                                      for x, r in zip(leaves, rows)])

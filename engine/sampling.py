@@ -1,15 +1,14 @@
 """Sampling parameters (vLLM's meanings and ranges) and one jitted batched sampler.
 
 Every per-request parameter travels to the device as a row of an array, so a new
-combination of parameters never recompiles: the sampler runs inside the model's
-jitted step (engine/runner.py), and which optional work it does is decided on
+combination of parameters never recompiles: the sampler is the second executable
+of the step (engine/runner.py), and which optional work it does is decided on
 the device from those arrays. A sequence's parameters are written once into a
 `SamplingTable` (a column per parameter, a row per slot of the live batch) and a
 step's inputs are gathers of its rows. Only a few shapes can change: the penalty
 history (HISTORY_TOKENS pairs unless the step's penalized rows hold more), the
-banned ids (BAN_WIDTH a row unless longer) and the allowed-token masks ([0, 1]
-unless some row has `allowed_token_ids`); each compiles its own step variant the
-first time it is used.
+banned ids (BAN_WIDTH a row unless longer); each compiles its own sampler variant
+the first time it is used. The allowed-token masks are always [R, ceil(V/32)].
 
 Randomness: a row's key is `fold_in(PRNGKey(seed), token_index)`, where
 `token_index` counts the request's own generated tokens; a row draws one uniform
@@ -21,12 +20,14 @@ a preemption.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.grammar import GrammarSpec
 from engine.util import bucket_size
 
 MAX_LOGPROBS = 20
@@ -73,6 +74,10 @@ class SamplingParams:
   skip_special_tokens: bool = True
   include_stop_str_in_output: bool = False
   allowed_token_ids: Sequence[int] | None = None  # sample only among these
+  # Output that must match a grammar (engine/grammar.py): a GrammarSpec, or
+  # vLLM's form {"json": schema} / {"regex": ...} / {"choice": [...]} /
+  # {"grammar": ...} / {"json_object": true}, turned into one here.
+  structured_outputs: GrammarSpec | Mapping[str, Any] | None = None
 
   def __post_init__(self):
     # Normalise once (frozen: through object.__setattr__), then validate.
@@ -102,6 +107,8 @@ class SamplingParams:
     object.__setattr__(self, "allowed_token_ids", allowed)
     if self.top_k == -1:
       object.__setattr__(self, "top_k", 0)
+    object.__setattr__(self, "structured_outputs",
+                       GrammarSpec.from_structured_outputs(self.structured_outputs))
     self.validate()
 
   def validate(self) -> None:
@@ -208,7 +215,11 @@ class SamplerInputs(NamedTuple):
   history_ids: np.ndarray  # [H] i32
   history_src: np.ndarray  # [H] i32, -1: the id is known
   history_is_output: np.ndarray  # [H] bool
-  allowed: np.ndarray  # [M, ceil(V/32)] u32 bitmasks of allowed tokens ([0, 1] if unused)
+  # Allowed-token bitmasks (allowed_token_ids, structured outputs): bit t % 32 of
+  # word t // 32 set when token t may be sampled. None when no row has one: the
+  # runner then sends an all-zero array it keeps on the device, so masked and
+  # unmasked steps share one compiled sampler.
+  allowed: np.ndarray | None  # [R, ceil(V/32)] u32
   allowed_row: np.ndarray  # [R] i32 which mask a row uses, -1: none
 
 
@@ -330,13 +341,13 @@ class SamplingTable:
       if h.inflight_row >= 0:  # the token in flight, filled in on the device
         history_rows[k], history_src[k], is_output[k] = row, h.inflight_row, True
         k += 1
+    allowed, allowed_row = None, np.full(b, -1, np.int32)
     masked = [r for r in range(b) if live[r] and int(row_slots[r]) in self.allowed]
-    words = -(-self.vocab_size // 32)
-    allowed = np.zeros((b, words) if masked else (0, 1), np.uint32)  # [0, 1]: unused
-    allowed_row = np.full(b, -1, np.int32)
-    for r in masked:
-      allowed[r] = self.allowed[int(row_slots[r])]
-      allowed_row[r] = r
+    if masked:
+      allowed = np.zeros((b, -(-self.vocab_size // 32)), np.uint32)
+      for r in masked:
+        allowed[r] = self.allowed[int(row_slots[r])]
+        allowed_row[r] = r
     return SamplerInputs(cols["temperature"], cols["top_k"], cols["top_p"], cols["min_p"],
                          cols["repetition_penalty"], cols["presence_penalty"],
                          cols["frequency_penalty"], seed, token_index.astype(np.int32),
@@ -427,7 +438,7 @@ def sample(logits: jax.Array, inputs: SamplerInputs) -> SamplerOutput:
                            | (inputs.frequency_penalty != 0))
   logits = cond(uses_penalties, penalize, lambda x: x, logits)
   logits = cond(jnp.any(inputs.banned >= 0), ban, lambda x: x, logits)
-  if inputs.allowed.shape[0]:  # a [0, 1] mask means no row has one
+  if inputs.allowed is not None:
     logits = cond(jnp.any(inputs.allowed_row >= 0), restrict, lambda x: x, logits)
 
   greedy_tokens = _argmax(logits)

@@ -10,13 +10,17 @@ what it needs next follows from them:
                 region of a step (a new prompt, or a preempted sequence recomputing)
   pending == 1  the sequence decodes: its last token runs as a decode row
 
-Each `step()` plans and dispatches step N+1, then reads step N's tokens, so the
-device always has the next step queued while the host checks stops and emits
-text (JetStream and vLLM's async scheduling do the same). A decode row whose
-token is still on the device names the output row of step N that sampled it;
-the device fills it in. A stop (EOS, a stop string) is therefore seen one step
-late: the sequence's row in step N+1 is computed and its token dropped; no
-output ever holds a token past its stop. max_tokens and the model length are
+Each `step()` plans and dispatches step N+1's model pass, then reads step N's
+tokens, then dispatches step N+1's sampler, so the device always has the next
+step queued while the host checks stops and emits text (JetStream and vLLM's
+async scheduling do the same). Between the two halves the host advances the
+grammars of constrained sequences (structured outputs) by the tokens just read
+and fills their rows of the sampler's allowed-token mask, while the model pass
+runs: a grammar sees every token before the mask of the next one is made. A
+decode row whose token is still on the device names the output row of step N
+that sampled it; the device fills it in. A stop (EOS, a stop string) is
+therefore seen one step late: the sequence's row in step N+1 is computed and
+its token dropped; no output ever holds a token past its stop. max_tokens and the model length are
 known in advance, so those rows are never dispatched. A penalty history takes
 the token in flight the same way (sampling.History), so the host never waits
 for a step before dispatching the next.
@@ -29,13 +33,16 @@ that step: a page filled (published to the prefix cache), text to stream or stop
 strings to check, log-probabilities to record, a first token, a finish.
 
 The planner (engine/planner.py) sizes each step: every ready decode row first,
-then prefill chunks in arrival order (FCFS) up to the token budget. When a
-decoding sequence needs a page and none is free, the newest running sequence is
-preempted: its pages are freed (full ones stay in the prefix cache) and it goes
-back to the front of the queue with its generated tokens, to be recomputed
-later. Nothing is lost, and a greedy output is unchanged. Pages, prefix lookups,
-publishing and forks go through the KV-cache manager (engine/kv_cache.py);
-text and stop strings through engine/outputs.py.
+then prefill chunks in order of priority, then arrival (FCFS), up to the token
+budget. When a decoding sequence needs a page and none is free, the newest
+running sequence of the lowest priority is preempted: its pages are freed (full
+ones stay in the prefix cache) and it goes back to the front of its priority's
+queue with its generated tokens, to be recomputed later. Low-priority work
+(priority > 0, batch lines) is admitted only while a reserve of free pages stays
+for interactive requests. Nothing is lost, and a greedy output is unchanged.
+Pages, prefix lookups (and the host tier under them, engine/kv_host.py),
+publishing and forks go through the KV-cache manager (engine/kv_cache.py); text
+and stop strings through engine/outputs.py.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine import config as config_lib
+from engine import grammar as grammar_lib
 from engine import kv_cache
 from engine import outputs
 from engine import roofline
@@ -57,7 +65,7 @@ from engine.config import EngineConfig, StepShape
 from engine.live_batch import LiveBatch
 from engine.metrics import Metrics
 from engine.planner import Planner
-from engine.runner import Chunk, DecodeRows, Pending, Runner
+from engine.runner import Chunk, DecodeRows, Forwarded, Pending, Runner
 from engine.sampling import SamplingParams
 from engine.util import ceil_div
 
@@ -72,6 +80,10 @@ class Request:
   max_tokens: int
   detokenizer_factory: Callable[[], object] | None = None
   stream: bool = False  # deltas as tokens come (else one at the end)
+  # vLLM's meaning: a lower value is served first (admitted first, preempted
+  # last); 0 by default, batch work (the Batch API) below interactive requests.
+  priority: int = 0
+  grammar: grammar_lib.CompiledGrammar | None = None  # params.structured_outputs compiled
   seqs: list["Seq"] = dataclasses.field(default_factory=list)
   forked: bool = False
   # Prompt log-probabilities by position (params.prompt_logprobs): position p's
@@ -113,6 +125,9 @@ class Seq:
   arrival_order: int = 0
   slot: int = -1
   final_ids: list[int] | None = None
+  # Where the output is in its grammar (structured outputs): advanced by every
+  # token the host reads, kept across preemption (the tokens are kept too).
+  matcher: grammar_lib.Matcher | None = None
 
   @property
   def finished(self) -> bool:
@@ -144,9 +159,14 @@ class Seq:
 
 @dataclasses.dataclass
 class _Step:
-  """A dispatched step and what its sampled rows belong to."""
+  """A dispatched step and what its sampled rows belong to. Its model pass is
+  dispatched first (`forwarded`), its sampler (`pending`) once the host has read
+  the step before and filled the masks of the constrained rows (`constrained`:
+  (sample row, sequence) pairs; `sampler` the rest of the sampler's inputs)."""
 
-  pending: Pending
+  forwarded: Forwarded
+  sampler: sampling.SamplerInputs
+  constrained: list
   shape: StepShape
   slots: np.ndarray  # [k] slot of every sample row that is read
   rows: np.ndarray  # [k] its output row
@@ -159,6 +179,7 @@ class _Step:
   # only, max_tokens 0).
   scores: list = dataclasses.field(default_factory=list)
   ends: list = dataclasses.field(default_factory=list)
+  pending: Pending | None = None
 
 
 class Scheduler:
@@ -172,6 +193,11 @@ class Scheduler:
     self.metrics = metrics
     self.kv = kv_cache.KVCacheManager(runner.num_pages, config.page_size,
                                       config.max_pages_per_seq)
+    if config.host_kv_cache_bytes is not None:
+      from engine.kv_host import HostTier
+      self.kv.attach_host(HostTier(config.host_kv_cache_bytes // runner.page_bytes,
+                                   runner.page_bytes),
+                          runner.save_pages, runner.load_pages, planner.prefer_copy)
     self.batch = LiveBatch(config.max_batch, config.max_model_len, self.kv,
                            runner.model_config.vocab_size)
     # Keys older than this many positions are never read again (None: they are).
@@ -183,11 +209,18 @@ class Scheduler:
     self._arrivals = 0
     self._inflight: _Step | None = None
     self._to_free: set[int] = set()  # finished slots with a token still in flight
+    # Free pages low-priority work may not take: room for one sequence of the
+    # model length, at most an eighth of the pool.
+    self.page_reserve = min(config.max_pages_per_seq, runner.num_pages // 8)
     self._padding: collections.Counter = collections.Counter()  # seconds run padded, by shape
     self._measured: dict[StepShape, float] = {}  # the last step time of each shape run
     self._last_ready = 0.0
     self.last_decode_batch = 0  # decode rows of the step dispatched last
     self.last_kind: str | None = None  # "decode", "prefill", "mixed"; None: no step
+    # Structured outputs: host seconds in grammars (masks filled, tokens
+    # accepted), and the constrained rows whose masks were filled.
+    self.grammar_seconds = 0.0
+    self.masked_rows = 0
 
   @property
   def allocator(self) -> kv_cache.PageAllocator:
@@ -201,11 +234,25 @@ class Scheduler:
     seq = self._new_seq(request, 0, request.seed)
     self._arrivals += 1
     seq.arrival_order = self._arrivals
-    self.waiting.append(seq)
+    self._enqueue(seq)
+
+  def _enqueue(self, seq: Seq, front: bool = False) -> None:
+    """Into the queue by priority: after the waiting sequences of its priority
+    (or before them, `front`: a preempted sequence), FCFS within a priority."""
+    p = seq.request.priority
+    w = self.waiting
+    if not front and (not w or w[-1].request.priority <= p):
+      w.append(seq)  # the common case: every request of one priority
+      return
+    at = next((i for i, x in enumerate(w)
+               if (x.request.priority >= p if front else x.request.priority > p)), len(w))
+    w.insert(at, seq)
 
   def _new_seq(self, request: Request, index: int, seed: int) -> Seq:
     out = outputs.Completion(request.params, request.detokenizer_factory, request.stream)
     seq = Seq(request, index, seed, out, self.batch)
+    if request.grammar is not None:
+      seq.matcher = request.grammar.matcher()
     request.seqs.append(seq)
     return seq
 
@@ -234,18 +281,41 @@ class Scheduler:
   # The step -------------------------------------------------------------------
 
   def step(self) -> list[outputs.StreamOutput]:
-    """Dispatches the next step, then reads the previous one. Returns the deltas
-    it produced: for streaming sequences as their tokens come, and one for every
-    sequence that finished (for the others, their whole output)."""
+    """Dispatches the next step's model pass, reads the previous step, then
+    dispatches the next step's sampler (its grammar masks filled from the tokens
+    just read). Returns the deltas it produced: for streaming sequences as their
+    tokens come, and one for every sequence that finished (for the others, their
+    whole output)."""
     t0 = time.perf_counter()
     evictions = self.allocator.evictions
+    tier = self._tier_counts()
+    gathered = self.kv.host.unsettled if self.kv.host is not None else 0
     new = self._dispatch()
     deltas, wait = self._collect(self._inflight) if self._inflight is not None else ([], 0.0)
+    if gathered:
+      self.kv.host.settle(gathered)  # gathered before the step just read was dispatched
+    if new is not None:
+      new.pending = self._sample(new)
     self._inflight = new
     self.metrics.evictions.inc(self.allocator.evictions - evictions)
+    if tier is not None:
+      self._count_tier(tier)
     self.metrics.set_load(self.num_running, len(self.waiting), self.kv.utilization())
     self.metrics.on_host_step(time.perf_counter() - t0, wait)
     return deltas
+
+  def _tier_counts(self) -> tuple | None:
+    host = self.kv.host
+    return None if host is None else (host.pages_in, host.pages_out, host.evictions)
+
+  def _count_tier(self, before: tuple) -> None:
+    """The host tier's page moves of this step, into the metrics."""
+    d = [a - b for a, b in zip(self._tier_counts(), before)]
+    m, page = self.metrics, self.kv.host.page_bytes
+    m.host_bytes.labels("to_host").inc(d[0] * page)
+    m.host_bytes.labels("to_device").inc(d[1] * page)
+    m.host_evictions.inc(d[2])
+    m.host_pages.set(len(self.kv.host))
 
   def _dispatch(self) -> _Step | None:
     cfg, b = self.config, self.batch
@@ -308,16 +378,18 @@ class Scheduler:
     tile = cfg.prefill_tile
     chosen = list(chosen)
     taken = {s for s, _ in chosen}
-    # Sequences already running but mid-prompt go first, then the queue in order
-    # (a queued sequence whose last token is still in flight waits for it). Every
-    # queued candidate but the last is admitted, so a few are enough.
+    # By priority; within one, sequences already running but mid-prompt go first,
+    # then the queue in order (a queued sequence whose last token is still in
+    # flight waits for it). Every queued candidate but the last is admitted, so a
+    # few are enough.
     run = b.running_slots()
     pending = b.num_tokens(run) - b.computed[run]
     # (A scoring-only sequence, max_tokens 0, prefills its last prompt token too.)
     mid_prompt = run[(pending > 1) | ((pending == 1) & (b.limit[run] == 0))]
     queued = itertools.islice((s for s in self.waiting if not s.inflight),
                               cfg.max_prefill_batch + 1)
-    candidates = [b.seqs[s] for s in mid_prompt if s not in taken] + list(queued)
+    candidates = sorted([b.seqs[s] for s in mid_prompt if s not in taken] + list(queued),
+                        key=lambda seq: seq.request.priority)  # stable: FCFS within one
     for seq in candidates:
       if len(chosen) == cfg.max_prefill_batch or tiles <= 0:
         break
@@ -333,7 +405,13 @@ class Scheduler:
         b.computed[slot] = self.kv.reuse_prefix(slot, b.resolved(slot), limit)
       slot = seq.slot
       chunk = min(int(b.num_tokens(slot) - b.computed[slot]), tiles * tile)
-      if not self._make_room(slot, int(b.computed[slot]) + chunk, may_preempt=not fresh):
+      # Low-priority work (priority > 0: batch lines) starts only while the pool
+      # keeps a reserve for interactive requests after its whole prompt.
+      held_back = fresh and seq.request.priority > 0 and (
+          self.kv.num_free - self.kv.pages_needed(slot, int(b.num_tokens(slot)))
+          < self.page_reserve)
+      if held_back or not self._make_room(slot, int(b.computed[slot]) + chunk,
+                                          may_preempt=not fresh):
         if fresh:
           self.kv.release(slot)
           b.computed[slot] = 0
@@ -348,6 +426,11 @@ class Scheduler:
         self.num_running += 1
         self.metrics.prefix_queries.inc(int(b.n_prompt[slot] + b.n_out[slot]))
         self.metrics.prefix_hits.inc(int(b.computed[slot]))
+        if self.kv.host is not None:  # counted once a lookup's sequence is admitted
+          hit, loaded, recomputed = self.kv.last_host
+          self.metrics.host_hits.inc(hit)
+          self.metrics.host_loaded.inc(loaded)
+          self.metrics.host_declined.inc(recomputed)
         seq.request.first_scheduled_time = (seq.request.first_scheduled_time
                                             or time.perf_counter())
       chosen.append((slot, chunk))
@@ -358,17 +441,17 @@ class Scheduler:
   def _make_room(self, slot: int, num_tokens: int, may_preempt: bool = True) -> bool:
     """Gives `slot` pages for its first `num_tokens` tokens.
 
-    When the pool is exhausted and `may_preempt`, the newest running sequence is
-    preempted until enough pages are free; if that is this one, it is preempted
-    and False returned. The engine guarantees the pool holds one sequence of the
-    maximum model length, so the oldest sequence always runs.
+    When the pool is exhausted and `may_preempt`, the newest running sequence of
+    the lowest priority is preempted until enough pages are free; if that is
+    this one, it is preempted and False returned. The engine guarantees the pool
+    holds one sequence of the maximum model length, so the first sequence in
+    (priority, arrival) order always runs.
     """
     b = self.batch
     while not self.kv.allocate(slot, num_tokens):
       if not may_preempt or not self.num_running:
         return False
-      run = np.flatnonzero(b.running)
-      victim = int(run[np.argmax(b.order[run])])
+      victim = int(b.running_slots()[-1])  # the newest of the lowest priority
       self._preempt(victim)
       if victim == slot:
         return False
@@ -384,7 +467,7 @@ class Scheduler:
     b.computed[slot] = 0
     b.running[slot] = False
     self.num_running -= 1
-    self.waiting.appendleft(b.seqs[slot])
+    self._enqueue(b.seqs[slot], front=True)
     self.metrics.preemptions.inc()
 
   def _launch(self, decode: np.ndarray, chunks: list[tuple[int, int]],
@@ -419,11 +502,11 @@ class Scheduler:
       chunk_rows.append(chunk)
     sampled = [(shape.decode + j, s) for j, ((s, _), ch) in enumerate(zip(chunks, chunk_rows))
                if ch.sample]
-    sampler = self._sampler_inputs(decode, sampled, shape)
+    sampler, constrained = self._sampler_inputs(decode, sampled, shape)
     cost_rows = np.concatenate([np.stack([n_tok - 1, np.ones(d, np.int64)], 1),
                                 np.asarray([(b.computed[s], c) for s, c in chunks],
                                            np.int64).reshape(-1, 2)])
-    pending = self.runner.dispatch(shape, rows, chunk_rows, sampler)
+    forwarded = self.runner.forward(shape, rows, chunk_rows)
     if self.kv_window is not None:
       # Pages the window has passed for good (the dispatched step has read them;
       # a later step that reuses them runs after it).
@@ -447,8 +530,8 @@ class Scheduler:
     tokens = d + sum(c for _, c in chunks)
     read_slots = np.concatenate([decode, np.asarray([s for _, s in sampled], np.int64)])
     read_rows = np.concatenate([np.arange(d), np.asarray([r for r, _ in sampled], np.int64)])
-    return _Step(pending, shape, read_slots, read_rows, self.last_kind, d, tokens,
-                 self.planner.cost(cost_rows), scores, ends)
+    return _Step(forwarded, sampler, constrained, shape, read_slots, read_rows,
+                 self.last_kind, d, tokens, self.planner.cost(cost_rows), scores, ends)
 
   @staticmethod
   def _scores(seq: Seq) -> bool:
@@ -457,8 +540,9 @@ class Scheduler:
     return seq.request.params.prompt_logprobs is not None and seq.index == 0
 
   def _sampler_inputs(self, decode: np.ndarray, sampled: list[tuple[int, int]],
-                      shape: StepShape) -> sampling.SamplerInputs:
-    """The step's sample rows: gathers of the live batch's columns. The output
+                      shape: StepShape) -> tuple[sampling.SamplerInputs, list]:
+    """The step's sample rows: gathers of the live batch's columns, and the
+    (row, sequence) pairs of its constrained rows (masks filled later). The output
     position counts the token in flight too: a seeded sequence draws the same key
     for its k-th token however the steps fell, and min_tokens bans the stop ids
     up to the same position (a preempted sequence that recomputes samples with
@@ -479,7 +563,34 @@ class Scheduler:
       histories[int(row)] = sampling.History(
           b.tokens[s, :n], b.tokens[s, n:n + int(b.n_out[s])],
           int(b.last_row[s]) if b.inflight[s] else -1)
-    return b.sampling.inputs(row_slots, index, banned, histories)
+    constrained = [(int(r), b.seqs[row_slots[r]])
+                   for r in np.flatnonzero(live & b.constrained[at])]
+    return b.sampling.inputs(row_slots, index, banned, histories), constrained
+
+  def _sample(self, step: _Step) -> Pending:
+    """Dispatches a step's sampler. A constrained row's mask is its grammar's
+    after every token read so far, the one just read included (its row in this
+    step samples the token after it); a row that also has allowed_token_ids gets
+    both masks' intersection. A sequence that finished meanwhile has its row
+    sampled freely (and its token dropped)."""
+    sampler = step.sampler
+    rows = [(r, seq) for r, seq in step.constrained if not seq.finished]
+    if rows:
+      t0 = time.perf_counter()
+      masks = (sampler.allowed.copy() if sampler.allowed is not None else
+               np.zeros((len(sampler.allowed_row), self.runner.mask_words), np.uint32))
+      static = sampler.allowed_row.copy()
+      index = [r for r, _ in rows]
+      grammar_lib.fill_rows([seq.matcher for _, seq in rows], masks, index)
+      both = [r for r in index if static[r] >= 0]
+      if both:
+        masks[both] &= sampler.allowed[static[both]]
+      allowed_row = sampler.allowed_row.copy()
+      allowed_row[index] = index
+      sampler = sampler._replace(allowed=masks, allowed_row=allowed_row)
+      self.grammar_seconds += time.perf_counter() - t0
+      self.masked_rows += len(rows)
+    return self.runner.sample(step.forwarded, sampler)
 
   def _fork(self, parent: int) -> None:
     """Creates the other n-1 samples of a request once its prompt is dispatched:
@@ -521,12 +632,13 @@ class Scheduler:
     stop = (b.stop_ids[slots] == tok[:, None]).any(axis=1)
     length = b.n_out[slots] >= b.limit[slots]
     filled = np.minimum(b.computed[slots], at + 1) // ps > self.kv.num_keys[slots]
+    done, rejected = self._advance_grammars(slots, tok)
     special = (stop | length | filled | (b.n_out[slots] == 1) | b.needs_text[slots]
-               | (b.logprobs[slots] >= 0))
+               | (b.logprobs[slots] >= 0) | done | rejected)
     deltas = []
     for i in np.flatnonzero(special):
-      seq = self._handle(int(slots[i]), int(tok[i]), int(rows[i]), bool(stop[i]),
-                         bool(length[i]), now, logprobs)
+      seq = self._handle(int(slots[i]), int(tok[i]), int(rows[i]), bool(stop[i] | done[i]),
+                         bool(length[i]), now, logprobs, bool(rejected[i]))
       if seq is not None and (seq.request.stream or seq.finished):
         d = seq.out.delta(seq.request.request_id, seq.index, seq.output_view())
         if d is not None:
@@ -541,6 +653,28 @@ class Scheduler:
       self._to_free.discard(s)
       b.free(s)
     return deltas, now - t0
+
+  def _advance_grammars(self, slots: np.ndarray, tokens: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Advances the constrained rows' grammars by the tokens read. Returns, per
+    row, whether its grammar has ended (complete and nothing can follow, or EOS
+    taken: the sequence stops there) and whether it refused the token (which the
+    mask should have made impossible: the sequence fails rather than emit output
+    outside its grammar)."""
+    done = np.zeros(len(slots), bool)
+    rejected = np.zeros(len(slots), bool)
+    constrained = np.flatnonzero(self.batch.constrained[slots])
+    if not len(constrained):
+      return done, rejected
+    t0 = time.perf_counter()
+    for i in constrained:
+      matcher = self.batch.seqs[slots[i]].matcher
+      if not matcher.accept(int(tokens[i])):
+        rejected[i] = True
+      elif matcher.is_terminated() or matcher.must_end():
+        done[i] = True
+    self.grammar_seconds += time.perf_counter() - t0
+    return done, rejected
 
   @staticmethod
   def _record_scores(chunks: list, scores: tuple) -> None:
@@ -559,9 +693,10 @@ class Scheduler:
       at += len(targets)
 
   def _handle(self, slot: int, token: int, row: int, stop: bool, length: bool, now: float,
-              logprobs) -> Seq | None:
+              logprobs, rejected: bool = False) -> Seq | None:
     """The per-row work of a row that needs it; returns the sequence if it has
-    something to emit (new text, or its end)."""
+    something to emit (new text, or its end). `stop`: a stop id, or the end of
+    the sequence's grammar; `rejected`: its grammar refused the token."""
     b = self.batch
     seq = b.seqs[slot]
     out, request = seq.out, seq.request
@@ -573,9 +708,14 @@ class Scheduler:
       entry = {token: float(logprob[row])}
       entry.update({int(t): float(v) for t, v in zip(top_ids[row, :k], top_lp[row, :k])})
       out.logprobs.append(entry)
+    if rejected:
+      out.fail(f"token {token} was sampled outside the grammar of structured_outputs "
+               f"({seq.matcher.error or 'refused by the matcher'})")
+      self._finish(seq, "error")
+      return seq
     eos = stop and token in self.eos_ids and not request.params.ignore_eos
     reason = "stop" if stop else None
-    if stop and not eos:
+    if stop and not eos and token in b.stop_ids[slot]:
       out.stop_reason = token  # a stop id (EOS leaves it None)
     try:
       if b.needs_text[slot]:

@@ -40,6 +40,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -47,9 +48,9 @@ import uuid
 from typing import Any, Callable
 
 import prometheus_client as prom
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import openai_format as oaf
@@ -81,6 +82,7 @@ class _Sub:
   stream: bool  # deltas as tokens come (else the engine hands out one at the end)
   post: Callable[[tuple], None]
   echo: bool = False  # the first delta of each completion carries the prompt
+  priority: int = 0  # lower first (vLLM's meaning)
   echoed: set = dataclasses.field(default_factory=set)  # completions that carried it
   emitted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -193,7 +195,8 @@ class EngineLoop:
   def _add(self, subs: list[_Sub]) -> None:
     for sub in subs:
       try:
-        self.engine.add_request(sub.prompt, sub.params, request_id=sub.rid, stream=sub.stream)
+        self.engine.add_request(sub.prompt, sub.params, request_id=sub.rid, stream=sub.stream,
+                                priority=sub.priority)
       except CapacityError as e:
         sub.post(("error", sub.slot, oaf.OpenAIError(str(e), status=429,
                                                      type="rate_limit_error",
@@ -333,7 +336,8 @@ class _Server:
 
     base = uuid.uuid4().hex
     subs = [_Sub(f"{base}-{p}", p, prompt, parsed.params, parsed.top_logprobs is not None,
-                 parsed.stream, post, parsed.echo) for p, prompt in enumerate(parsed.prompts)]
+                 parsed.stream, post, parsed.echo, parsed.priority)
+            for p, prompt in enumerate(parsed.prompts)]
     state = {"open": True, "done": set()}
     self.pending += k
     self.pending_gauge.set(self.pending)
@@ -470,7 +474,7 @@ class _Server:
 
 def create_app(engine, model_name: str | None = None, api_key: str | None = None,
                max_pending: int | None = None, retry_after_s: int = 1,
-               warmup: bool | str = True) -> FastAPI:
+               warmup: bool | str = True, batch_dir: str | None = None) -> FastAPI:
   """The FastAPI app over `engine`. Its engine thread starts with the app (lifespan)
   and stops with it.
 
@@ -478,18 +482,29 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     config's name). api_key: if set, /v1/* need `Authorization: Bearer <key>`
     (compared in constant time); /health and /metrics stay open. max_pending:
     most engine requests in flight before 429 (default: the engine's max_waiting).
+    batch_dir: enables OpenAI's Batch API (engine/batch_api.py) over this
+    directory (its files, batches and journals; resumed on start).
   """
   name = model_name or getattr(engine.model_config, "name", None) or "ridgeline"
   bound = max_pending if max_pending is not None else engine.config.max_waiting
   server = _Server(engine, name, bound, retry_after_s, warmup)
   key = api_key.encode() if api_key else None
 
+  batches = None
+  if batch_dir is not None:
+    from engine.batch_api import BatchRunner
+    batches = BatchRunner(batch_dir, server.loop, engine, name, registry=server.registry)
+
   @contextlib.asynccontextmanager
   async def lifespan(app):
     server.loop.start()
+    if batches is not None:
+      batches.start()
     try:
       yield
     finally:
+      if batches is not None:
+        await asyncio.get_running_loop().run_in_executor(None, batches.stop)
       await asyncio.get_running_loop().run_in_executor(None, server.loop.stop)
 
   app = FastAPI(title="Ridgeline", lifespan=lifespan)
@@ -569,6 +584,8 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         "id": name, "object": "model", "created": server.created, "owned_by": "ridgeline",
         "max_model_len": engine.config.max_model_len}]}
 
+  _add_batch_api(app, batches, engine)
+
   @app.get("/health")
   async def health():
     if server.loop.failed:
@@ -584,3 +601,85 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     return PlainTextResponse(text, media_type=prom.CONTENT_TYPE_LATEST)
 
   return app
+
+
+def _add_batch_api(app: FastAPI, batches, engine) -> None:
+  """OpenAI's Files and Batches endpoints over `batches` (a BatchRunner; None:
+  every one of them says how to enable it)."""
+
+  def runner():
+    if batches is None:
+      raise oaf.OpenAIError("the Batch API is off: start the server with --batch_dir DIR "
+                            "(create_app(batch_dir=...))", status=404,
+                            code="batch_api_disabled")
+    return batches
+
+  def public(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+  @app.post("/v1/files")
+  async def create_file(file: UploadFile = File(...), purpose: str = Form(...)):
+    from engine.batch_api import check_upload
+    store = runner().files
+    if purpose != "batch":
+      raise oaf.OpenAIError(f"purpose must be 'batch' (the only one this server keeps), "
+                            f"got {purpose!r}", "purpose")
+    tmp = os.path.join(store.dir, f"upload-{uuid.uuid4().hex}.tmp")
+    try:
+      with open(tmp, "wb") as f:  # noqa: ASYNC230 -- the writes go to a thread
+        while chunk := await file.read(1 << 20):
+          await asyncio.to_thread(f.write, chunk)
+      # Checked off the event loop (it tokenizes every prompt).
+      await asyncio.get_running_loop().run_in_executor(
+          None, check_upload, tmp, engine.check_request)
+      return store.add(f"file-{uuid.uuid4().hex}", file.filename or "upload.jsonl", purpose,
+                       tmp)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+  @app.get("/v1/files")
+  async def list_files(purpose: str | None = None):
+    data = runner().files.list(purpose)
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+  @app.get("/v1/files/{file_id}")
+  async def get_file(file_id: str):
+    return runner().files.get(file_id)
+
+  @app.get("/v1/files/{file_id}/content")
+  async def file_content(file_id: str):
+    store = runner().files
+    meta = store.get(file_id)
+    return FileResponse(store.path(file_id), media_type="application/jsonl",
+                        filename=meta["filename"])
+
+  @app.delete("/v1/files/{file_id}")
+  async def delete_file(file_id: str):
+    return runner().files.delete(file_id)
+
+  @app.post("/v1/batches")
+  async def create_batch(request: Request):
+    try:
+      body = json.loads(await request.body())
+    except ValueError as e:
+      raise oaf.OpenAIError(f"malformed JSON body: {e}") from None
+    return public(runner().create(body))
+
+  @app.get("/v1/batches")
+  async def list_batches(limit: int = 20, after: str | None = None):
+    if not 1 <= limit <= 100:
+      raise oaf.OpenAIError(f"limit must be in [1, 100], got {limit}", "limit")
+    page = runner().list(limit, after)
+    page["data"] = [public(b) for b in page["data"]]
+    return page
+
+  @app.get("/v1/batches/{batch_id}")
+  async def get_batch(batch_id: str):
+    return public(runner().get(batch_id))
+
+  @app.post("/v1/batches/{batch_id}/cancel")
+  async def cancel_batch(batch_id: str):
+    return public(runner().cancel(batch_id))

@@ -10,13 +10,20 @@
   # the host's own cost of a step at 64/256/1,024 rows (the device's step stubbed
   # out), with and without text, beside the whole engine
   python scripts/benchmark.py --model tiny --mode host --host_tokenizer default
+  # JSON validity with and without schema constraints, and their throughput cost
+  python scripts/benchmark.py --mode structured --repeats 3
+  # multi-turn conversations on a small KV pool, the host tier off / priced / forced
+  python scripts/benchmark.py --mode conversation
+  # a Batch API batch beside interactive Poisson traffic at half capacity (a server)
+  python scripts/benchmark.py --mode batch_api --batch_lines 2000
   # draw a saved run's roofline figure again (no model, no device time)
   python scripts/benchmark.py --replot benchmarks/results/cpu_smollm2_fp32.json \
       --plot docs/roofline_cpu.png
 
 Modes (comma-separated, run in one process on one engine; engine/bench/modes.py
-says what each measures): host, scoring, decode, throughput, latency, prefill, ttft,
-kernels.
+says what each measures): host, scoring, structured, conversation, decode, throughput, latency,
+prefill, ttft, kernels; and serve, batch_api, which run against a server process
+(engine/serve_bench.py, engine/bench/batch_api.py).
 
 --compare hf runs Hugging Face transformers' `generate` (torch, the same weights,
 prompts and lengths, greedy, --threads threads) in the same run and prints our/HF
@@ -41,7 +48,8 @@ from ridgeline_cli import _app, flags_common
 D = Options  # the defaults live in the library's Options
 _list = lambda values: [str(v) for v in values]
 
-flags.DEFINE_list("mode", ["decode"], f"Comma-separated modes: {', '.join(modes_lib.MODES)}.")
+flags.DEFINE_list("mode", ["decode"], "Comma-separated modes: "
+                  f"{', '.join(modes_lib.MODES)}; serve, batch_api (a server process).")
 flags.DEFINE_list("batch_sizes", _list(D.batch_sizes), "decode: batch sizes.")
 flags.DEFINE_list("contexts", _list(D.contexts), "decode: context lengths (tokens already cached).")
 flags.DEFINE_integer("steps", D.steps, "decode/prefill: timed steps per point (after --warmup).")
@@ -142,6 +150,7 @@ def options() -> Options:
       host_workload=_workload(FLAGS.host_workload), host_tokenizer=FLAGS.host_tokenizer,
       host_engine=FLAGS.host_engine,
       scoring_prompts=_workload(FLAGS.scoring_prompts, "--scoring_prompts"),
+      **{name: FLAGS[name].value for name in _NUMBER_FLAGS},
       compilation_cache_dir=flags_common.compilation_cache_dir())
 
 
@@ -154,7 +163,29 @@ flags.DEFINE_string("host_tokenizer", None, "host: also time the host with this 
 flags.DEFINE_bool("host_engine", D.host_engine, "host: also time the whole engine.")
 flags.DEFINE_string("scoring_prompts", ":".join(map(str, D.scoring_prompts)),
                     "scoring: PROMPTS:TOKENS, how many prompts of how many tokens.")
-flags.DEFINE_string("url", None, "serve: a running server to target (default: start one).")
+# Plain numeric options of the structured and conversation modes: name -> help
+# (their defaults are Options').
+_NUMBER_FLAGS = {
+    "structured_schemas": "structured: how many of the 20 JSON schemas to ask for.",
+    "structured_prompts": "structured: subjects per schema (at most 10).",
+    "structured_batch": "structured: rows of the cost run (a quarter constrained).",
+    "structured_tokens": "structured: output tokens per row of the cost run.",
+    "structured_max_tokens": "structured: max_tokens of the validity runs.",
+    "conversation_users": "conversation: users.",
+    "conversation_turns": "conversation: turns each.",
+    "conversation_prompt": "conversation: tokens of a user's first message.",
+    "conversation_answer": "conversation: tokens of each answer.",
+    "conversation_message": "conversation: tokens of each later message.",
+    "conversation_pool": "conversation: the device KV pool as a share of the "
+                         "conversations' KV.",
+}
+for _name, _help in _NUMBER_FLAGS.items():
+  _default = getattr(D, _name)
+  (flags.DEFINE_float if isinstance(_default, float) else flags.DEFINE_integer)(
+      _name, _default, _help)
+flags.DEFINE_string("url", None, "serve, batch_api: a running server to target (default: "
+                    "start one).")
+flags.DEFINE_integer("batch_lines", 2000, "batch_api: lines of the queued batch.")
 
 
 def run_serve() -> None:
@@ -170,6 +201,38 @@ def run_serve() -> None:
   serve_bench.main(cfg, server_flags, FLAGS.output, FLAGS.label)
 
 
+def run_batch_api() -> None:
+  """Interactive Poisson traffic at half the server's capacity, with and without a
+  queued Batch API batch, and the batch alone (engine/bench/batch_api.py); starts
+  the server with --batch_dir in a temporary directory unless --url is given."""
+  import contextlib
+  import json
+  import pathlib
+  import tempfile
+  from engine import serve_bench
+  from engine.bench import batch_api
+  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
+                  if FLAGS[n].present]
+  with contextlib.ExitStack() as stack:
+    url = FLAGS.url
+    if not url:
+      root = stack.enter_context(tempfile.TemporaryDirectory(prefix="ridgeline-batches-"))
+      command, env = serve_bench.server_command()
+      cmd = [*command, *server_flags, f"--batch_dir={root}"]
+      log = str(pathlib.Path(FLAGS.output).with_suffix(".server.log"))
+      print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
+      url = stack.enter_context(serve_bench.start_server(cmd, log_path=log, env=env))
+    res = batch_api.run(batch_api.BatchApiBenchConfig(
+        url=url, batch_lines=FLAGS.batch_lines, num_requests=FLAGS.num_requests,
+        input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed))
+  print(batch_api.format_table(res))
+  out = pathlib.Path(FLAGS.output)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"batch_api": res, "command": sys.argv, "label": FLAGS.label},
+                            indent=1, default=float))
+  print(f"\nresults: {out}")
+
+
 def main(argv):
   del argv
   if FLAGS.replot:
@@ -182,13 +245,15 @@ def main(argv):
   modes = [m.strip() for m in FLAGS.mode]
   if "serve" in modes:  # its engine runs in the server process, not in this one
     run_serve()
-    modes = [m for m in modes if m != "serve"]
-    if not modes:
-      return
+  if "batch_api" in modes:  # the same
+    run_batch_api()
+  modes = [m for m in modes if m not in ("serve", "batch_api")]
+  if not modes:
+    return
   try:
     modes = modes_lib.check_modes(modes)
   except ValueError as e:
-    raise app.UsageError(f"--mode: {e} (or serve)") from None
+    raise app.UsageError(f"--mode: {e} (or serve, batch_api)") from None
   opts = options()
   peer = None
   if FLAGS.compare == "hf":

@@ -39,6 +39,12 @@ flags.DEFINE_integer("max_batch", None, "Most sequences in one decode step (defa
 flags.DEFINE_integer("max_model_len", None, "Most tokens (prompt + output) per sequence "
                      "(default: the model's max_position_embeddings, capped by what the "
                      "KV cache holds).")
+flags.DEFINE_float("host_kv_cache_gb", None, "A host-memory tier under the device's KV "
+                   "cache of this many GiB: evicted prefix pages are kept there and copied "
+                   "back on a later hit (engine/kv_host.py). Default: none.")
+flags.DEFINE_enum("host_kv_policy", "price", ["price", "copy", "recompute"],
+                  "A host-tier hit: copy back or recompute, whichever the roofline prices "
+                  "cheaper (price), or always one of them.")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
 flags.DEFINE_enum("precompile", "background", ["all", "background", "none"],
@@ -86,7 +92,10 @@ def engine_config() -> EngineConfig:
       cpu_kv_cache_bytes=FLAGS.kv_cache_mb * 2**20, max_batch=FLAGS.max_batch,
       max_model_len=FLAGS.max_model_len, prefill_chunk=FLAGS.prefill_chunk,
       max_prefill_batch=FLAGS.max_prefill_batch, memory_fraction=FLAGS.memory_fraction,
-      kv_dtype=FLAGS.kv_cache_dtype)
+      kv_dtype=FLAGS.kv_cache_dtype,
+      host_kv_cache_bytes=(None if FLAGS.host_kv_cache_gb is None
+                           else int(FLAGS.host_kv_cache_gb * 2**30)),
+      host_kv_policy=FLAGS.host_kv_policy)
 
 
 def init_distributed() -> None:

@@ -21,6 +21,9 @@ flags.DEFINE_string("served_model_name", None, "Model name in /v1/models and req
 flags.DEFINE_integer("max_pending", None, "Most requests in flight before HTTP 429 "
                      "(default: the engine's waiting-queue bound).")
 flags.DEFINE_integer("retry_after", 1, "Retry-After seconds sent with 429.")
+flags.DEFINE_string("batch_dir", None, "Enables OpenAI's Batch API (/v1/files, /v1/batches): "
+                    "uploaded files, batches and their journals live here; a server started "
+                    "again over the same directory resumes its batches.")
 FLAGS = flags.FLAGS
 
 
@@ -40,7 +43,7 @@ def main(argv):
                    "serve other hosts", FLAGS.host)
   application = create_app(engine, model_name=FLAGS.served_model_name, api_key=FLAGS.api_key,
                            max_pending=FLAGS.max_pending, retry_after_s=FLAGS.retry_after,
-                           warmup=FLAGS.precompile)
+                           warmup=FLAGS.precompile, batch_dir=FLAGS.batch_dir)
   server = application.state.server
   logging.info("serving %s on http://%s:%d/v1 (max_model_len %d, max_batch %d, %d requests "
                "in flight before 429)", server.model_name, FLAGS.host, FLAGS.port,

@@ -10,7 +10,6 @@ chunks and decode steps.
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -27,14 +27,15 @@ def test_every_step_variant_lowers_for_cuda(kv_dtype):
   engine = Engine(model, None, dataclasses.replace(CONFIG, kv_dtype=kv_dtype))
   runner = engine.runner
   shapes = engine.config.step_shapes()
-  assert len(shapes) == engine.config.max_step_variants()
+  samplers = {runner.sample_rows(s) for s in shapes}
+  assert len(shapes) + len(samplers) == engine.config.max_step_variants()
   for shape in shapes:
-    exported = runner.export(shape)
-    assert exported.platforms == ("cuda",)
+    model_pass, sampler = runner.export(shape)
+    assert model_pass.platforms == sampler.platforms == ("cuda",)
     if shape.decode:  # decode rows run the Pallas (Triton) kernel
-      assert "xla.gpu.triton" in exported.mlir_module(), shape
-  # The variants a workload adds: a long penalty history, many banned ids, an
-  # allowed-token mask.
+      assert "xla.gpu.triton" in model_pass.mlir_module(), shape
+  # The sampler variants a workload adds: a long penalty history, many banned
+  # ids (an allowed-token mask is always there).
   vocab = model.config.vocab_size
   params = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.2,
                           allowed_token_ids=[4, 5, 6], seed=1)
@@ -44,5 +45,5 @@ def test_every_step_variant_lowers_for_cuda(kv_dtype):
   shape = shapes[-1]
   sampler = sampling.inputs_for([row], runner.sample_rows(shape), vocab)
   assert sampler.history_rows.shape[0] > sampling.HISTORY_TOKENS
-  assert sampler.banned.shape[1] > sampling.BAN_WIDTH and sampler.allowed.shape[0]
-  assert runner.export(shape, sampler=sampler).platforms == ("cuda",)
+  assert sampler.banned.shape[1] > sampling.BAN_WIDTH and sampler.allowed is not None
+  assert runner.export(shape, sampler=sampler)[1].platforms == ("cuda",)

@@ -192,7 +192,7 @@ def test_grammar_eos_exactly_at_complete_expressions(tok, compiler, walker, text
 
 
 def test_valid_document_eos_only_at_its_end(tok, compiler, walker):
-  ids = tok.encode(json.dumps(DOCUMENT, indent=2))
+  ids = tok.encode(json.dumps(DOCUMENT))
   m = compiler.matcher(GrammarSpec.json_schema(SCHEMA))
   for i, token in enumerate(ids):
     assert token in walker.allowed(m), tok.decode(ids[:i + 1])
@@ -210,14 +210,19 @@ def test_valid_document_eos_only_at_its_end(tok, compiler, walker):
   assert np.array_equal(rows[1], compiler.eos_mask) and not rows[0].any()
 
 
-def test_json_whitespace_is_bounded(tok, compiler):
-  # A small model can loop on newlines; 32 whitespace characters in one place at most.
+def test_json_is_laid_out_as_json_dumps_writes_it(tok, compiler):
+  # A small model can loop on whitespace: none is allowed beyond ", " and ": ".
   for spec in (GrammarSpec.json_object(), GrammarSpec.json_schema(SCHEMA)):
     m = compiler.matcher(spec)
     assert m.accept(tok.encode("{")[0])
-    space = tok.encode(" ")[0]
-    assert sum(m.accept(space) for _ in range(40)) == 32
-    assert m.num_tokens == 33 and m.accept(tok.encode('"')[0])
+    assert not m.accept(tok.encode(" ")[0]) and not m.accept(tok.encode("\n")[0])
+    assert m.accept(tok.encode('"')[0])
+  m = compiler.matcher(GrammarSpec.json_schema(SCHEMA))
+  text = json.dumps(DOCUMENT)
+  assert all(m.accept(t) for t in tok.encode(text)) and m.can_end()
+  flexible = dict(SCHEMA, **{"x-guidance": {"whitespace_flexible": True}})
+  m = compiler.matcher(GrammarSpec.json_schema(flexible))  # a schema may ask otherwise
+  assert m.accept(tok.encode("{")[0]) and m.accept(tok.encode("\n")[0])
 
 
 def test_control_tokens_never_allowed(tok, compiler, walker):

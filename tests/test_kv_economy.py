@@ -227,3 +227,57 @@ def test_a_preemption_at_the_end_of_min_tokens_changes_no_seeded_token(model, at
     engine.step()
   assert engine.get_output(rid).token_ids == expected
   assert engine.metrics.snapshot()["preemptions"] == 1
+
+
+def test_priorities_admit_interactive_first_and_preempt_batch_work_only(model):
+  """Priority (vLLM's meaning: lower first): queued interactive requests (0) start
+  before batch requests (1) queued earlier, preemption takes only batch work, and
+  no greedy output changes."""
+  rng = np.random.default_rng(4)
+  prompts = [[int(t) for t in rng.integers(1, 500, size=int(rng.integers(20, 40)))]
+             for _ in range(8)]
+  params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+  alone = _engine(model)
+  expected = [alone.generate([p], params)[0].token_ids for p in prompts]
+  # 24 pages of 8 tokens for 8 sequences of up to 64: preemption (of batch work:
+  # the two interactive sequences fit the pool together).
+  engine = _engine(model, num_pages=24, max_model_len=64)
+  sched = engine.scheduler
+  victims = []
+  preempt = sched._preempt
+
+  def record_preempt(slot):
+    victims.append(int(sched.batch.priority[slot]))
+    preempt(slot)
+
+  sched._preempt = record_preempt
+  batch_ids = [engine.add_request(p, params, priority=1) for p in prompts[:6]]
+  interactive = [engine.add_request(p, params) for p in prompts[6:]]
+  assert [s.request.request_id for s in list(sched.waiting)[:2]] == interactive
+  while engine.has_unfinished():
+    engine.step()
+  outs = {rid: engine.get_output(rid) for rid in batch_ids + interactive}
+  assert [outs[r].outputs[0].token_ids for r in batch_ids + interactive] == expected
+  assert victims and set(victims) == {1}, victims  # interactive work never preempted
+  queued = {r: outs[r].metrics.queue_time for r in outs}
+  assert max(queued[r] for r in interactive) <= min(queued[r] for r in batch_ids[2:])
+  error = engine.get_output(engine.add_request([1, 2], params, priority=True)).error
+  assert error.startswith("priority must be an integer")
+
+
+@pytest.mark.parametrize("priority,started", [(1, 2), (0, 3)])
+def test_batch_work_leaves_a_page_reserve_for_interactive_requests(model, priority, started):
+  """A pool of 24 pages keeps 3 (min(8 pages of max_model_len, 24 // 8)) that
+  batch work may not start into: one interactive and three batch prompts of 8
+  pages each, one step: the interactive one and one batch one start (a second
+  would leave 0 free), where three requests of priority 0 would start."""
+  engine = _engine(model, num_pages=24, max_model_len=64, prefill_chunk=256)
+  assert engine.scheduler.page_reserve == 3
+  params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+  engine.add_request(list(range(1, 61)), params)
+  for i in range(3):
+    engine.add_request(list(range(100 + i, 160 + i)), params, priority=priority)
+  engine.step()
+  assert engine.scheduler.num_running == started
+  while engine.has_unfinished():
+    engine.step()

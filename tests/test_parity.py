@@ -1,7 +1,6 @@
 """Logit parity with Hugging Face transformers (torch, CPU, fp32) on tiny random
 configs saved with save_pretrained and loaded through our HF converter."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -156,7 +156,7 @@ def test_lm_eval_harness_against_the_server_equals_transformers(served, hf_logpr
   tok.save(tok_dir)
   tasks = TaskManager(include_path=str(TASKS), include_defaults=False)
   base = (f"model={NAME},base_url={served.url}/v1/completions,max_length={MAX_LEN},"
-          "max_retries=1,timeout=300")
+          "max_retries=1,timeout=300,num_concurrent=8")
   res = lm_eval.simple_evaluate(
       model="local-completions", model_args=f"{base},tokenizer_backend=huggingface,"
       f"tokenizer={tok_dir}", tasks=["ridgeline_mc", "ridgeline_gen"], task_manager=tasks,

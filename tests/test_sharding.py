@@ -1,6 +1,5 @@
 """Sharded weights and KV pages on a fake mesh of 8 CPU devices (see conftest.py)."""
 
-import collections
 import functools
 import re
 

@@ -175,7 +175,8 @@ def parse_line(line: int, raw: bytes, default_sampling: dict | None = None,
       if not isinstance(overrides, dict):
         return fail(f"'sampling' must be an object, got {type(overrides).__name__}")
       try:
-        params = SamplingParams.from_dict({**dataclasses.asdict(params), **overrides})
+        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+        params = SamplingParams.from_dict({**fields, **overrides})
       except (ValueError, TypeError) as e:
         return fail(f"invalid sampling parameters: {e}")
   else:

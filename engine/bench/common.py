@@ -53,6 +53,19 @@ class Options:
   host_engine: bool = True  # also time the whole engine (the bench's model)
   # scoring
   scoring_prompts: tuple[int, int] = (64, 512)  # prompts, tokens each
+  # structured
+  structured_schemas: int = 20  # of engine/bench/structured.py's SCHEMAS
+  structured_prompts: int = 10  # subjects per schema
+  structured_batch: int = 64  # rows of the cost run
+  structured_tokens: int = 128  # output tokens per row of the cost run
+  structured_max_tokens: int = 512  # max_tokens of the validity runs
+  # conversation
+  conversation_users: int = 16
+  conversation_turns: int = 4
+  conversation_prompt: int = 256  # tokens of a user's first message
+  conversation_answer: int = 32  # tokens of each answer
+  conversation_message: int = 32  # tokens of each later message
+  conversation_pool: float = 0.25  # device pool / the conversations' final KV
   # every mode
   temperature: float = 0.0
   seed: int = 0

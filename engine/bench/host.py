@@ -36,32 +36,37 @@ ALICE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "a
 
 
 class _StubSteps(dict):
-  """Stands in for the runner's compiled variants: every shape is `fn`."""
+  """Stands in for the runner's compiled variants: every model pass is `model`,
+  every sampler `sample`."""
 
-  def __init__(self, fn):
+  def __init__(self, model, sample):
     super().__init__()
-    self.fn = fn
+    self.model, self.sample = model, sample
 
   def get(self, key, default=None):
-    return self.fn
+    return self.model if key[0] == "model" else self.sample
 
 
-def _stub_step(runner, stream: np.ndarray):
-  """A step that returns the next `max_rows` ids of `stream` as its tokens."""
-  from engine.runner import StepOutput
+def _stub_steps(runner, stream: np.ndarray) -> _StubSteps:
+  """A step whose sampler returns the next `max_rows` ids of `stream` as its tokens."""
   from engine.sampling import MAX_LOGPROBS
   at = [0]
   rows = runner.max_rows
+  no_scores = (np.zeros(0, np.float32), np.zeros((0, MAX_LOGPROBS), np.int32),
+               np.zeros((0, MAX_LOGPROBS), np.float32))
 
-  def step(state, kv, prev, inputs):
+  def model(state, kv, prev, inputs):
     del state, prev
-    r = inputs.sample_index.shape[0]
+    return kv, np.zeros((inputs.sample_index.shape[0], 1), np.float32), no_scores
+
+  def sample(logits, prev, sampler):
+    del prev, sampler
+    r = logits.shape[0]
     idx = (at[0] + np.arange(rows)) % len(stream)
     at[0] += r
-    return kv, StepOutput(stream[idx], np.zeros(r, np.float32),
-                          np.zeros((r, MAX_LOGPROBS), np.int32),
-                          np.zeros((r, MAX_LOGPROBS), np.float32))
-  return step
+    return (stream[idx], np.zeros(r, np.float32), np.zeros((r, MAX_LOGPROBS), np.int32),
+            np.zeros((r, MAX_LOGPROBS), np.float32))
+  return _StubSteps(model, sample)
 
 
 def _engine(model, tokenizer, batch: int, prompt: int, output: int, stub_tokens=None):
@@ -75,7 +80,7 @@ def _engine(model, tokenizer, batch: int, prompt: int, output: int, stub_tokens=
                         prefill_chunk=2048, max_prefill_batch=64)
   eng = Engine(model, tokenizer, config)
   if stub_tokens is not None:
-    eng.runner._compiled = _StubSteps(_stub_step(eng.runner, stub_tokens))
+    eng.runner._compiled = _stub_steps(eng.runner, stub_tokens)
   return eng
 
 

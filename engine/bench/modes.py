@@ -16,6 +16,12 @@
               or warm depending on the persistent compilation cache's contents.
   scoring     a scoring job (max_tokens 0, prompt_logprobs 0) against plain prefill
               over the same prompts, in prompt tokens/s (engine/bench/scoring.py).
+  conversation  multi-turn conversations on a pool a quarter their size, with the
+              KV cache's host tier off, priced, always copying, always recomputing
+              (engine/bench/conversation.py).
+  structured  JSON validity with and without a schema constraint, and the
+              throughput cost of constraining a quarter of a batch
+              (engine/bench/structured.py).
   host        per batch size, the host's milliseconds per step (planning, inputs,
               dispatch, reading, text) with the device's step stubbed out, beside
               the whole engine (engine/bench/host.py).
@@ -39,7 +45,9 @@ from typing import Callable
 
 from engine import roofline
 from engine.bench.host import run_host
+from engine.bench.conversation import run_conversation
 from engine.bench.scoring import _needs as _scoring_needs, run_scoring
+from engine.bench.structured import _needs as _structured_needs, run_structured
 from engine.bench.common import (Bench, Needs, Options, build, cdiv, flops_unit,
                                  fmt_bandwidth, fmt_flops, host, pct, percentiles, run_rows,
                                  step_seconds, summarize, table, trace_ops, workload_lengths)
@@ -514,6 +522,8 @@ def _report_kernels(b: Bench) -> None:
 MODES: dict[str, Callable[[Bench], None]] = {
     "host": run_host,
     "scoring": run_scoring,
+    "structured": run_structured,
+    "conversation": run_conversation,
     "decode": run_decode,
     "throughput": run_throughput,
     "latency": run_latency,
@@ -562,6 +572,7 @@ NEEDS: dict[str, Callable[[Options, object, bool], Needs]] = {
     "prefill": _prefill_needs,
     "ttft": lambda o, config, peer: Needs(max_len=o.ttft_prompt_len + 2),
     "scoring": _scoring_needs,
+    "structured": _structured_needs,
 }
 
 

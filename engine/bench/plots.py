@@ -245,7 +245,7 @@ def roofline(results: dict, path: str | os.PathLike) -> None:
   ax.set_ylim(bottom=ymin)
   ax.set_xlabel("arithmetic intensity (FLOP/byte)")
   ax.set_ylabel(f"achieved {unit}")
-  ax.set_title(f"Roofline: how close each step is to its roof", fontsize=10)
+  ax.set_title("Roofline: how close each step is to its roof", fontsize=10)
   for axis in (ax.xaxis, ax.yaxis):
     axis.set_major_formatter(ticker.FuncFormatter(_plain))
   ax.grid(True, which="both", alpha=0.25)
