@@ -411,7 +411,7 @@ class Engine:
     t0 = time.perf_counter()
     self.runner.warmup(background=background)
     if self.config.host_kv_cache_bytes is not None:
-      self.runner.warm_copies()
+      self.planner.copy_latency = self.runner.warm_copies()
     return time.perf_counter() - t0
 
   def get_output(self, request_id: str) -> RequestOutput:

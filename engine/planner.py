@@ -25,9 +25,10 @@ estimated as max(FLOPs / peak, bytes / bandwidth), a lower bound.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from engine import config as config_lib
 from engine import roofline
@@ -76,6 +77,17 @@ def default_max_batch(model_config: ModelConfig, peaks: roofline.DevicePeaks,
   return int(min(up, down, MAX_DEFAULT_BATCH))
 
 
+class Price(NamedTuple):
+  """One priced host-tier hit: its position and size (tokens), the estimates
+  (seconds) and the choice."""
+
+  context: int
+  tokens: int
+  copy_s: float
+  recompute_s: float
+  copied: bool
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   decode_batch: int
@@ -91,6 +103,8 @@ class Planner:
     self.peaks = peaks
     self.dtype = roofline.matmul_dtype(model_config, peaks)  # fp8 peaks for W8A8
     self.ridge = peaks.ridge_point(self.dtype)
+    self.copy_latency = 0.0  # seconds a host-tier copy costs besides its bytes
+    self.prices: collections.deque[Price] = collections.deque(maxlen=4096)  # the latest
 
   @functools.cached_property
   def ridge_tokens(self) -> int:
@@ -164,7 +178,9 @@ class Planner:
   def prefer_copy(self, context: int, tokens: int, rest: int) -> bool:
     """A host-tier hit of `tokens` prompt tokens after `context` cached ones, with
     `rest` more to compute after them: copy its pages back (True) or recompute
-    them? The copy: the pages' bytes over the host link. The recompute: what
+    them? The copy: the pages' bytes over the host link, plus the fixed cost of
+    a copy (`copy_latency`, measured by Engine.warmup: a one-page round trip's
+    dispatches and synchronisation; 0 until measured). The recompute: what
     those tokens add to the prefill step that computes the rest anyway (its
     roofline time with them, minus without: their FLOPs, their K/V and the
     attention reads they add, the weights being read once either way; the
@@ -173,11 +189,13 @@ class Planner:
     policy = self.config.host_kv_policy
     if policy != "price":
       return policy == "copy"
-    copy = tokens * self.kv_bytes_per_token / self.peaks.host_link_bandwidth
+    copy = (self.copy_latency
+            + tokens * self.kv_bytes_per_token / self.peaks.host_link_bandwidth)
     with_them = self._seconds(self.cost([(context, tokens + rest)]))
     without = self._seconds(self.cost([(context + tokens, rest)])) if rest else 0.0
-    self.last_price = (copy, with_them - without)
-    return copy < with_them - without
+    recompute = with_them - without
+    self.prices.append(Price(context, tokens, copy, recompute, copy < recompute))
+    return copy < recompute
 
   @functools.cached_property
   def kv_bytes_per_token(self) -> float:

@@ -598,8 +598,10 @@ class Runner:
         padded.append(jnp.concatenate([r, jnp.zeros((extra,) + r.shape[1:], r.dtype)]))
     self.kv = self._scatter(self.kv, idx, padded)
 
-  def warm_copies(self) -> None:
-    """Compiles the host tier's gathers and scatters of every width up front."""
+  def warm_copies(self) -> float:
+    """Compiles the host tier's gathers and scatters of every width up front;
+    returns the fixed cost of a copy back: the best of 5 one-page round trips
+    (gather, to host, scatter), dispatch and synchronisation included, in seconds."""
     width = 1
     while True:
       rows = self.save_pages([self.num_pages] * width)
@@ -608,6 +610,14 @@ class Runner:
         break
       width *= 2
     jax.block_until_ready(self.kv)
+    best = float("inf")
+    for _ in range(5):
+      t0 = time.perf_counter()
+      rows = [np.asarray(x) for x in self.save_pages([self.num_pages])]
+      self.load_pages([self.num_pages], [r[:1] for r in rows])
+      jax.block_until_ready(self.kv)
+      best = min(best, time.perf_counter() - t0)
+    return best
 
   def _page_index(self, pages: Sequence[int]) -> np.ndarray:
     """`pages`, padded with the scratch page to a power of two."""

@@ -322,6 +322,20 @@ class Scheduler:
     run = b.running_slots()
     pending = b.num_tokens(run) - b.computed[run]
     ready = run[(pending == 1) & (b.n_out[run] + b.inflight[run] < b.limit[run])]
+    # A prompt of a higher priority that starts now (mid-prompt, or first in the
+    # queue with a batch slot and pages for its first chunk) gets a step without
+    # the lower-priority decode rows: its first token does not wait behind a
+    # batch job's full decode step; they resume the step after. (A prompt that
+    # cannot start does not hold them back: they are what frees the pages.)
+    if len(ready):
+      urgent = int(b.priority[run[pending > 1]].min(initial=2**62))
+      head = self.waiting[0] if self.waiting else None
+      if (head is not None and not head.inflight and self.num_running < cfg.max_batch
+          and self.kv.num_free * cfg.page_size
+          >= min(len(head.request.prompt_ids), cfg.prefill_chunk)):
+        urgent = min(urgent, head.request.priority)
+      if urgent < int(b.priority[ready].max()):
+        ready = ready[b.priority[ready] <= urgent]
     plan = self.planner.plan(b.computed[ready])
     self._make_decode_room(ready[:plan.decode_batch])
     chunks = self._schedule_prefill(plan.prefill_budget // cfg.prefill_tile or 1, [])
@@ -397,7 +411,14 @@ class Scheduler:
       new = seq.slot < 0
       if fresh:
         if self.num_running >= cfg.max_batch:
-          break
+          # The batch is full: a request of a higher priority takes the row of
+          # the newest running sequence of the lowest (recomputed later, its full
+          # pages kept in the prefix cache); otherwise it waits.
+          victim = int(b.running_slots()[-1])
+          if b.priority[victim] <= seq.request.priority:
+            break
+          self._preempt(victim)
+          chosen = [(s, c) for s, c in chosen if s != victim]
         slot = seq.slot if not new else self._start(seq)
         # A cached prefix has no logits: a request that scores its prompt reuses
         # pages only up to the positions it has scored (none, the first time).

@@ -28,7 +28,9 @@ server-sent events or not; completions also with `echo`: the prompt's text and
 log-probabilities before the completion's), POST /tokenize and /detokenize and
 GET /tokenizer_info (vLLM's; what lm-eval's remote tokenizer reads), GET
 /v1/models, GET /health (503 until the model is warmed up), GET /metrics
-(Prometheus: the engine's registry and the server's).
+(Prometheus: the engine's registry and the server's); with a `batch_dir`,
+OpenAI's Batch API: /v1/files and /v1/batches (engine/batch_api.py). Requests
+may carry vLLM's `priority` (lower first); batch lines run below them.
 """
 
 from __future__ import annotations

@@ -281,3 +281,25 @@ def test_batch_work_leaves_a_page_reserve_for_interactive_requests(model, priori
   assert engine.scheduler.num_running == started
   while engine.has_unfinished():
     engine.step()
+
+
+def test_a_full_batch_of_batch_work_gives_a_row_to_an_interactive_request(model):
+  """max_batch 2, both rows decoding batch work (priority 1): an interactive
+  request starts at once, preempting the newest batch sequence, and every
+  greedy output is unchanged."""
+  params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+  prompts = [list(range(1, 20)), list(range(30, 52)), list(range(60, 75))]
+  expected = [_engine(model).generate([p], params)[0].token_ids for p in prompts]
+  engine = _engine(model, max_batch=2)
+  batch = [engine.add_request(p, params, priority=1) for p in prompts[:2]]
+  for _ in range(5):
+    engine.step()
+  assert engine.scheduler.num_running == 2
+  rid = engine.add_request(prompts[2], params)
+  engine.step()
+  running = {s.request.request_id for s in engine.scheduler.batch.seqs
+             if s is not None and s.slot >= 0 and engine.scheduler.batch.running[s.slot]}
+  assert rid in running and batch[0] in running and batch[1] not in running
+  while engine.has_unfinished():
+    engine.step()
+  assert [engine.get_output(r).outputs[0].token_ids for r in batch + [rid]] == expected

@@ -88,7 +88,9 @@ def run_conversation(b: Bench) -> None:
            "prefill_tokens": int(prefill), "recomputed_prompt_tokens": recomputed,
            "ttft_s": t, "device_hit_rate": device_hits, "host_tier": tier,
            "price": {"host_hit_tokens": tier["hit_tokens"], "copied": tier["loaded_tokens"],
-                     "recomputed": tier["recomputed_tokens"]},
+                     "recomputed": tier["recomputed_tokens"],
+                     "copy_latency_s": engine.planner.copy_latency,
+                     "hits": [p._asdict() for p in list(engine.planner.prices)[:8]]},
            "preemptions": snap["preemptions"]}
     results[name], outputs[name] = res, produced
     rows.append([name, f"{recomputed}", f"{1e3 * t['p50']:.0f}", f"{1e3 * t['p99']:.0f}",
@@ -109,6 +111,13 @@ def run_conversation(b: Bench) -> None:
                                "final_tokens": final, "policies": results, **summary}
   print(table(rows, ["policy", "recomputed prompt tok", "TTFT p50 ms", "TTFT p99 ms",
                      "output tok/s", "device hits", "host hits", "MiB to host / back"]))
+  p = results["price"]["price"]
+  example = p["hits"][0] if p["hits"] else None
+  print(f"price rule: {p['copied']} host-hit tokens copied back, {p['recomputed']} recomputed; "
+        f"measured copy latency {1e6 * p['copy_latency_s']:.0f} us" + (
+            f"; e.g. {example['tokens']} tokens after {example['context']}: copy "
+            f"{1e3 * example['copy_s']:.2f} ms vs recompute {1e3 * example['recompute_s']:.2f} ms"
+            if example else ""))
   print(f"price vs off: recomputed prompt tokens -{summary['recomputed_reduction']:.0%} "
         f"(target >= 80%), TTFT p50 {summary['ttft_p50_speedup']:.2f}x lower (target >= 2x), "
         f"throughput {summary['throughput_ratio']:.2f}x (target >= 1); price vs always-copy "
