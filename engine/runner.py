@@ -203,7 +203,7 @@ class Runner:
     # The previous step's sampled tokens, read by the next step's decode rows.
     self._prev_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
     # Compiled variants by key (`_model_key`, `_sampler_key`); `compilations`
-    # counts every compile.
+    # counts them (a key two threads compiled at once counts once).
     self._compiled: dict[tuple, object] = {}
     self._compile_lock = threading.Lock()
     self.compilations = 0
