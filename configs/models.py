@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.config import ModelConfig, RopeScaling
+from ridgeline.model.config import ModelConfig, RopeScaling
 
 _LLAMA3_VOCAB = 128256
 

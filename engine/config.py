@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from engine.util import bucket, ceil_div, power_of_two_buckets  # (bucket also re-exported)
+from ridgeline.util import bucket, ceil_div, power_of_two_buckets  # (bucket also re-exported)
 
 
 class StepShape(NamedTuple):
@@ -72,7 +72,7 @@ class EngineConfig:
     if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
       raise ValueError(f"EngineConfig.kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
     if self.kv_dtype is not None:
-      from model import kv_quant
+      from ridgeline.model import kv_quant
       try:
         kv_quant.qtype(self.kv_dtype)
       except TypeError:

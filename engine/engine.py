@@ -29,18 +29,18 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from engine import roofline
-from engine.config import EngineConfig
-from engine.metrics import Metrics
-from engine import planner as planner_lib
-from engine.planner import Planner
-from engine.runner import Runner
-from engine.sampling import SamplingParams
-from engine.outputs import RequestMetrics, StreamOutput
-from engine.scheduler import Request, Scheduler
-from model import default_model
-from model import transformer as transformer_lib
-from model.config import ModelConfig
+from ridgeline.engine import roofline
+from ridgeline.engine.config import EngineConfig
+from ridgeline.engine.metrics import Metrics
+from ridgeline.engine import planner as planner_lib
+from ridgeline.engine.planner import Planner
+from ridgeline.engine.runner import Runner
+from ridgeline.engine.sampling import SamplingParams
+from ridgeline.engine.outputs import RequestMetrics, StreamOutput
+from ridgeline.engine.scheduler import Request, Scheduler
+from ridgeline.model import default_model
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.config import ModelConfig
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 
@@ -171,7 +171,7 @@ class Engine:
     if mesh is None:
       page_bytes = config.page_size * model_config.kv_bytes_per_token(config.kv_dtype)
     else:
-      from model import sharding  # only needed on a mesh
+      from ridgeline.model import sharding  # only needed on a mesh
       page_bytes = sharding.memory_report(model_config, mesh, page_size=config.page_size,
                                           kv_dtype=config.kv_dtype).kv_page_bytes_per_device
     if config.num_pages is not None:
@@ -211,9 +211,9 @@ class Engine:
     compilation cache, process-wide), so a second process skips compiling; the
     default is ~/.cache/ridgeline/jax_cache, None leaves JAX's setting alone.
     """
-    from model.loading import load_model  # orbax is only needed when restoring
+    from ridgeline.engine.loading import load_model  # orbax is only needed when restoring
     if compilation_cache_dir:
-      from engine.runner import enable_compilation_cache
+      from ridgeline.engine.runner import enable_compilation_cache
       enable_compilation_cache(compilation_cache_dir)
     model, tokenizer = load_model(path, mesh=mesh)
     return cls(model, tokenizer, config, mesh=mesh, **kwargs)
@@ -287,7 +287,7 @@ class Engine:
     if self.tokenizer is None:
       raise ValueError("structured_outputs needs a tokenizer (the grammar is over text)")
     if self._grammars is None:
-      from engine.grammar import GrammarCompiler
+      from ridgeline.engine.grammar import GrammarCompiler
       self._grammars = GrammarCompiler(self.tokenizer, vocab_size=self.model_config.vocab_size)
     return self._grammars.compile(spec, "structured_outputs")
 

@@ -554,7 +554,7 @@ def _check_bitmask(bitmask: np.ndarray, ndim: int, words: int) -> None:
 def _lltokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
   """llguidance's view of `tokenizer` (a model.tokenizer.Tokenizer), its
   vocabulary padded to `vocab_size` with tokens that never match."""
-  from model import tokenizer as tokenizer_lib
+  from ridgeline.model import tokenizer as tokenizer_lib
   backend = tokenizer._backend  # pylint: disable=protected-access
   eos = list(tokenizer.eos_ids)
   if isinstance(backend, tokenizer_lib._HFBackend):  # pylint: disable=protected-access

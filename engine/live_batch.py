@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import sampling
-from engine.kv_cache import KVCacheManager
+from ridgeline.engine import sampling
+from ridgeline.engine.kv_cache import KVCacheManager
 
 _COUNTS = ("n_prompt", "n_out", "inflight", "computed", "limit", "min_tokens", "last_row",
            "logprobs", "priority")

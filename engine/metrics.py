@@ -16,7 +16,7 @@ import array
 
 import prometheus_client as prom
 
-from engine.util import percentiles
+from ridgeline.util import percentiles
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                     10, 30, 60, 120)

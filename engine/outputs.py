@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from engine.sampling import SamplingParams
+from ridgeline.engine.sampling import SamplingParams
 
 
 @dataclasses.dataclass

@@ -30,10 +30,10 @@ import dataclasses
 import functools
 from typing import NamedTuple, Sequence
 
-from engine import config as config_lib
-from engine import roofline
-from engine.config import EngineConfig
-from model.config import ModelConfig
+from ridgeline.engine import config as config_lib
+from ridgeline.engine import roofline
+from ridgeline.engine.config import EngineConfig
+from ridgeline.model.config import ModelConfig
 
 
 # The default decode batch (`default_max_batch`): the context a typical request of

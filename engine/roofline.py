@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
+from ridgeline.model.config import ModelConfig
 
 TERA = 1e12
 
@@ -200,7 +200,7 @@ def weight_bytes(c: ModelConfig, tokens: float | None = None) -> float:
   projections' int8 / int4 (half a byte) / fp8 values plus their scales and
   block minimums (model/quant.py)."""
   if c.quantization:
-    from model import quant
+    from ridgeline.model import quant
     layout = quant.stored_layout(c)
     head = "embed" if c.tie_word_embeddings else "lm_head"
     return float(sum(quant.nbytes(shape, dtype) for name, (shape, dtype) in layout.items()

@@ -45,12 +45,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from engine import config as config_lib
-from engine import sampling
-from engine.config import EngineConfig, StepShape
-from model import attention
-from model import sharding as sharding_lib
-from model import transformer as transformer_lib
+from ridgeline.engine import config as config_lib
+from ridgeline.engine import sampling
+from ridgeline.engine.config import EngineConfig, StepShape
+from ridgeline.model import attention
+from ridgeline.model import sharding as sharding_lib
+from ridgeline.model import transformer as transformer_lib
 
 
 def enable_compilation_cache(path: str) -> None:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.grammar import GrammarSpec
-from engine.util import bucket_size
+from ridgeline.engine.grammar import GrammarSpec
+from ridgeline.util import bucket_size
 
 MAX_LOGPROBS = 20
 _NEG_INF = -jnp.inf

@@ -55,19 +55,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine import config as config_lib
-from engine import grammar as grammar_lib
-from engine import kv_cache
-from engine import outputs
-from engine import roofline
-from engine import sampling
-from engine.config import EngineConfig, StepShape
-from engine.live_batch import LiveBatch
-from engine.metrics import Metrics
-from engine.planner import Planner
-from engine.runner import Chunk, DecodeRows, Forwarded, Pending, Runner
-from engine.sampling import SamplingParams
-from engine.util import ceil_div
+from ridgeline.engine import config as config_lib
+from ridgeline.engine import grammar as grammar_lib
+from ridgeline.engine import kv_cache
+from ridgeline.engine import outputs
+from ridgeline.engine import roofline
+from ridgeline.engine import sampling
+from ridgeline.engine.config import EngineConfig, StepShape
+from ridgeline.engine.live_batch import LiveBatch
+from ridgeline.engine.metrics import Metrics
+from ridgeline.engine.planner import Planner
+from ridgeline.engine.runner import Chunk, DecodeRows, Forwarded, Pending, Runner
+from ridgeline.engine.sampling import SamplingParams
+from ridgeline.util import ceil_div
 
 
 @dataclasses.dataclass(eq=False)
@@ -194,7 +194,7 @@ class Scheduler:
     self.kv = kv_cache.KVCacheManager(runner.num_pages, config.page_size,
                                       config.max_pages_per_seq)
     if config.host_kv_cache_bytes is not None:
-      from engine.kv_host import HostTier
+      from ridgeline.engine.kv_host import HostTier
       self.kv.attach_host(HostTier(config.host_kv_cache_bytes // runner.page_bytes,
                                    runner.page_bytes),
                           runner.save_pages, runner.load_pages, planner.prefer_copy)

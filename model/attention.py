@@ -39,8 +39,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from model import kv_quant
-from model import layers
+from ridgeline.model import kv_quant
+from ridgeline.model import layers
 
 # Masked logits use a large finite value, not -inf, so a fully masked row (a
 # padding query) yields a harmless uniform softmax instead of NaN.

@@ -58,11 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from engine.util import write_json_atomic
-from model import params as params_lib
-from model import quant
-from model.config import ModelConfig
-from model.params import Params
+from ridgeline.util import write_json_atomic
+from ridgeline.model import params as params_lib
+from ridgeline.model import quant
+from ridgeline.model.config import ModelConfig
+from ridgeline.model.params import Params
 
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"

@@ -224,7 +224,7 @@ class ModelConfig:
   def kv_bytes_per_token(self, dtype=None) -> int:
     """Bytes of K and V cache one token occupies across all layers (an 8-bit
     dtype, "int8" or "fp8", includes its scales: model/kv_quant.py)."""
-    from model import kv_quant
+    from ridgeline.model import kv_quant
     per_head = kv_quant.bytes_per_head_token(self.head_dim, dtype, self.compute_dtype)
     return 2 * self.num_layers * self.num_kv_heads * per_head
 

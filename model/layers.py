@@ -45,7 +45,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
               act: str = "silu") -> jax.Array:
   """SwiGLU / GeGLU: down(act(x @ gate) * (x @ up)). x: [..., D] -> [..., D]."""
-  from model import quant  # the weights may be qwix QArrays (a quantized model)
+  from ridgeline.model import quant  # the weights may be qwix QArrays (a quantized model)
   dtype = x.dtype
   g = quant.einsum("...d,df->...f", x, gate, dtype)  # [..., F]
   u = quant.einsum("...d,df->...f", x, up, dtype)  # [..., F]

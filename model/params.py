@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from model.config import ModelConfig
+from ridgeline.model.config import ModelConfig
 
 Params = dict[str, Any]
 

@@ -328,7 +328,7 @@ def stored_layout(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{stored name: (shape, dtype)} of a checkpoint of `config`: a quantized
   weight "layers.0.q" is stored as "layers.0.q.qvalue", "layers.0.q.scale" and
   (int8, int4) "layers.0.q.minimum"."""
-  from model import params as params_lib
+  from ridgeline.model import params as params_lib
   shapes = params_lib.flatten(params_lib.param_shapes(config))
   mode = getattr(config, "quantization", None)
   out = {}

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from engine.util import ceil_div
-from model import params as params_lib
-from model.config import ModelConfig
+from ridgeline.util import ceil_div
+from ridgeline.model import params as params_lib
+from ridgeline.model.config import ModelConfig
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -313,7 +313,7 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
   """Shardings for an `nnx.split` state of the Transformer, from a canonical tree
   of shardings (`param_shardings`): each parameter by its name ("layers.3.q"),
   anything else (the RoPE table) replicated on the same devices."""
-  from model import quant  # (imports this module)
+  from ridgeline.model import quant  # (imports this module)
   flat = params_lib.flatten(shardings)
   first = next(iter(flat.values()))
   rest = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
@@ -484,7 +484,7 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
   specs = params_lib.flatten(p.param_specs(config))
   # Bytes from the stored dtypes: a quantized projection (model/quant.py) is its
   # int8/int4/fp8 values plus its scales and block minimums (sharded like it).
-  from model import quant
+  from ridgeline.model import quant
   layout = quant.stored_layout(config)
   total = sum(quant.nbytes(s, d) for s, d in layout.values())
   per_device = 0
@@ -493,7 +493,7 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
     shards = p.shards(specs[base]) if n == base or n.endswith(".qvalue") else 1
     per_device += quant.nbytes(s, d) // shards
 
-  from model import kv_quant
+  from ridgeline.model import kv_quant
   kv_name = str(kv_dtype) if kv_quant.qtype(kv_dtype) is not None else jnp.dtype(
       config.dtype if kv_dtype is None else kv_dtype).name
   kv_heads_local = config.num_kv_heads // p.shards(P(p.axes.get("kv_heads")))

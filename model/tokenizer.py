@@ -373,7 +373,7 @@ class Tokenizer:
   def from_gguf(cls, path: PathLike, reader=None) -> Tokenizer:
     """The vocabulary embedded in a GGUF file (llama.cpp's `tokenizer.*` keys);
     `reader`: the file already open (gguf.GGUFReader)."""
-    from model.convert.gguf import open_gguf  # the error that names the file
+    from ridgeline.model.convert.gguf import open_gguf  # the error that names the file
     reader = reader or open_gguf(path)
     meta = {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("tokenizer.")}

@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import attention
-from model import layers as layers_lib
-from model import kv_quant
-from model import params as params_lib
-from model import quant
-from model import sharding as sharding_lib
-from model.config import ModelConfig
+from ridgeline.model import attention
+from ridgeline.model import layers as layers_lib
+from ridgeline.model import kv_quant
+from ridgeline.model import params as params_lib
+from ridgeline.model import quant
+from ridgeline.model import sharding as sharding_lib
+from ridgeline.model.config import ModelConfig
 
 # One (K, V) pair of page pools per layer, each [P, S, K, Dh].
 KVPages = tuple[tuple[jax.Array, jax.Array], ...]

@@ -1,13 +1,8 @@
-"""Runs ridgeline_cli/benchmark.py from a source tree (installed: see pyproject's
-[project.scripts]). The code and --help live there."""
+"""Runs ridgeline.cli.benchmark (cli/benchmark.py), the `ridgeline-bench` command, from a source tree
+that `make setup` installed (editable, so this checkout's code is what runs). The code
+and --help live there."""
 
-import os
-import sys
-
-# The source tree first, so this checkout's packages are the ones imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ridgeline_cli.benchmark import run  # noqa: E402
+from ridgeline.cli.benchmark import run
 
 if __name__ == "__main__":
   run()

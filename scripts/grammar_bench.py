@@ -1,6 +1,6 @@
 """What structured outputs cost per backend: grammar compile time and per-step mask time.
 
-  PYTHONPATH=. python scripts/grammar_bench.py --output results/grammar_cpu.json
+  python scripts/grammar_bench.py --output results/grammar_cpu.json
 
 On the default model's tokenizer (or --tokenizer), side by side in one run, for
 xgrammar and llguidance (--backends), and for engine/grammar.py's wrapper
@@ -35,8 +35,6 @@ import time
 
 from absl import app, flags
 
-# The source tree first, so this checkout's packages are the ones imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
@@ -225,7 +223,7 @@ class Ridgeline:
   name = "ridgeline"
 
   def __init__(self, tok, vocab_size: int):
-    from engine import grammar
+    from ridgeline.engine import grammar
     self.grammar = grammar
     self.compiler = grammar.GrammarCompiler(tok, vocab_size=vocab_size)
 
@@ -279,7 +277,7 @@ def _us(seconds: float) -> float:
 def import_ms(name: str) -> float:
   """Importing the backend in a fresh interpreter (xgrammar imports torch)."""
   import subprocess
-  module = {"ridgeline": "engine.grammar"}.get(name, name)
+  module = {"ridgeline": "ridgeline.engine.grammar"}.get(name, name)
   code = (f"import time; t = time.perf_counter(); import {module}; "
           "print(time.perf_counter() - t)")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -366,8 +364,8 @@ def measure_steps(backend, compiled, docs, starts, steps, passes, mode, threads=
 
 def main(argv):
   del argv
-  from model import default_model
-  from model.tokenizer import load_tokenizer
+  from ridgeline.model import default_model
+  from ridgeline.model.tokenizer import load_tokenizer
   path = FLAGS.tokenizer or str(default_model.gguf_path())
   tok = load_tokenizer(path)
   vocab_size = tok.vocab_size
@@ -391,7 +389,7 @@ def main(argv):
   all_masks = {}
   for name in FLAGS.backends:
     try:
-      __import__({"ridgeline": "engine.grammar"}.get(name, name))  # not timed here
+      __import__({"ridgeline": "ridgeline.engine.grammar"}.get(name, name))  # not timed here
     except ImportError as e:
       print(f"skipping {name}: {e} (xgrammar is not a dependency: `pip install --no-deps "
             "xgrammar apache-tvm-ffi`; it imports torch)", flush=True)

@@ -1,6 +1,6 @@
 """What each quantization mode costs in accuracy and gives in bytes and speed.
 
-  PYTHONPATH=. python scripts/quant_bench.py --out results/quant_cpu.json
+  python scripts/quant_bench.py --out results/quant_cpu.json
 
 On the default model (or --checkpoint), side by side in one run:
   - accuracy of int8 / int4 / fp8 weights against the float32 model: greedy
@@ -25,9 +25,7 @@ import time
 
 from absl import app, flags
 
-# The source tree first, so this checkout's packages are the ones imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ridgeline_cli import flags_common  # noqa: E402,F401 (the shared model/engine flags)
+from ridgeline.cli import flags_common  # noqa: E402,F401 (the shared model/engine flags)
 
 flags.DEFINE_integer("num_prompts", 20, "Prompts for the greedy agreement.")
 flags.DEFINE_integer("max_tokens", 32, "Tokens per continuation.")
@@ -51,9 +49,9 @@ FLAGS = flags.FLAGS
 def _decode_tok_s(model, tokenizer, n: int) -> float:
   """Batch-1 decode tokens/s: (time of n+1 tokens - time of 1 token) / n, after a
   warm-up of both (compilation excluded)."""
-  from engine import quant_eval
-  from engine.engine import Engine
-  from engine.sampling import SamplingParams
+  from ridgeline.tools import quant_eval
+  from ridgeline.engine.engine import Engine
+  from ridgeline.engine.sampling import SamplingParams
   engine = Engine(model, tokenizer, quant_eval.engine_config(batch=1, max_len=256))
   prompt = "Tell me a story about a lighthouse keeper."
 
@@ -71,9 +69,9 @@ def _decode_tok_s(model, tokenizer, n: int) -> float:
 
 def _transformers_tok_s(tokenizer, n: int) -> float:
   """transformers' batch-1 decode tokens/s on the same GGUF, in its worker process
-  (engine/bench/peer.py: in one process the two CPU thread pools compete)."""
+  (tools/bench/peer.py: in one process the two CPU thread pools compete)."""
   import numpy as np
-  from engine.bench.peer import HFPeer, checkpoint_for_peer
+  from ridgeline.tools.bench.peer import HFPeer, checkpoint_for_peer
   peer = HFPeer(checkpoint_for_peer(FLAGS.checkpoint), threads=os.cpu_count() or 1, repeats=2)
   try:
     ids = tokenizer.encode("Tell me a story about a lighthouse keeper.")
@@ -97,7 +95,7 @@ def _gaussian_errors() -> dict:
   """rms relative weight error on Gaussian [1536, 576] weights (no grid): the
   affine blocks against symmetric blocks of the same bits."""
   import numpy as np
-  from model import quant
+  from ridgeline.model import quant
   w = np.random.default_rng(0).standard_normal((1536, 576)).astype(np.float32)
   rms = lambda a: float(np.sqrt(np.mean((a - w) ** 2) / np.mean(w ** 2)))
   out = {m: rms(np.asarray(quant.dequantize(quant.quantize_weight(w, m)))) for m in quant.MODES}
@@ -112,7 +110,7 @@ def _hlo_evidence() -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from model import quant
+  from ridgeline.model import quant
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((1, 1, 576)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((576, 1536)), jnp.float32)
@@ -140,10 +138,10 @@ def _hlo_evidence() -> dict:
 def main(argv):
   del argv
   import jax
-  from engine import quant_eval
-  from model import quant, sharding
-  from model import transformer as transformer_lib
-  from model.loading import load_model
+  from ridgeline.tools import quant_eval
+  from ridgeline.model import quant, sharding
+  from ridgeline.model import transformer as transformer_lib
+  from ridgeline.engine.loading import load_model
 
   t_start = time.perf_counter()
   model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype)

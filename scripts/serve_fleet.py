@@ -1,13 +1,8 @@
-"""Runs ridgeline_cli/serve_fleet.py from a source tree (installed: see pyproject's
-[project.scripts]). The code and --help live there."""
+"""Runs ridgeline.cli.serve_fleet (cli/serve_fleet.py), its command, from a source tree
+that `make setup` installed (editable, so this checkout's code is what runs). The code
+and --help live there."""
 
-import os
-import sys
-
-# The source tree first, so this checkout's packages are the ones imported.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ridgeline_cli.serve_fleet import run  # noqa: E402
+from ridgeline.cli.serve_fleet import run
 
 if __name__ == "__main__":
   run()

@@ -9,7 +9,7 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import pytest  # noqa: E402
 
-from model import default_model  # noqa: E402
+from ridgeline.model import default_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -17,7 +17,7 @@ def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session: engines of the same shapes
   (the default model's, in several files) compile each step variant once."""
   import jax
-  from engine.runner import enable_compilation_cache
+  from ridgeline.engine.runner import enable_compilation_cache
   previous = jax.config.jax_compilation_cache_dir
   enable_compilation_cache(str(tmp_path_factory.mktemp("jax_cache")))
   yield
@@ -33,7 +33,7 @@ def smollm2_gguf() -> str:
 @pytest.fixture(scope="session")
 def default_checkpoint(tmp_path_factory) -> str:
   """The default model converted through the same path `make generate` uses."""
-  from model import loading
+  from ridgeline.engine import loading
   return str(loading.ensure_default_checkpoint(tmp_path_factory.mktemp("cache")))
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 import transformers
 
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import layers as layers_lib
-from model import sharding
-from model import transformer as transformer_lib
-from model.convert.hf import load_hf
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import layers as layers_lib
+from ridgeline.model import sharding
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.convert.hf import load_hf
 from tests.hf_tiny import hf_greedy, save_random
 
 VOCAB, PROMPT_LEN, NEW_TOKENS, WINDOW = 256, 64, 32, 16
@@ -178,8 +178,8 @@ def test_moe_greedy_unchanged_on_a_mesh(case, mesh, root):
 
 
 def test_moe_presets_count_active_experts_only():
-  from configs import models
-  from engine import roofline
+  from ridgeline.configs import models
+  from ridgeline.engine import roofline
   qwen = models.get("qwen3-30b-a3b")
   mixtral = models.get("mixtral-8x7b")
   # The published sizes: 30.5B total / 3.3B active; 46.7B / 12.9B.
@@ -201,8 +201,8 @@ def test_qwen3_moe_gguf_as_llama_cpp_writes_it(root, tmp_path):
   qwen3moe file (experts [E, F, D] numpy, i.e. ne = [D, F, E]; no q/k permutation)
   come back as the tree the HF converter made."""
   import gguf
-  from model import params as params_lib
-  from model.convert.gguf import load_gguf
+  from ridgeline.model import params as params_lib
+  from ridgeline.model.convert.gguf import load_gguf
   config, params = load_hf(_saved("qwen3_moe", root)[0])
   names = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v",
            "o": "attn_output", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",

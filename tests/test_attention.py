@@ -7,10 +7,10 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import attention
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import attention
+from ridgeline.model import transformer as transformer_lib
 
 
 def _inputs(batch, kv_heads, groups, head_dim, page_size, pages_per_seq, seed=0,

@@ -1,4 +1,4 @@
-"""OpenAI's Batch API on the server (engine/batch_api.py) through the official
+"""OpenAI's Batch API on the server (frontends/batch_api.py) through the official
 `openai` client: the round trip, uploads refused line by line with OpenAI's
 error objects, cancel, two batches at once beside interactive requests (greedy
 outputs equal to each request alone), a restart during finalizing, the API key,
@@ -19,11 +19,11 @@ import openai
 import pytest
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from engine.server import create_app
-from model import transformer as transformer_lib
-from model.tokenizer import Tokenizer
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.frontends.server import create_app
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import Tokenizer
 from tests.serving import serve_in_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The batch job (engine/batch.py, scripts/batch_generate.py): JSONL in and out,
+"""The batch job (frontends/batch/, scripts/batch_generate.py): JSONL in and out,
 error lines, exactly-once resume after SIGKILL, and sharding over two processes."""
 
 import json
@@ -13,10 +13,10 @@ import time
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import batch
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.frontends import batch
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import transformer as transformer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small shapes, few shape buckets: every bucket is a compilation, here and in each child.
@@ -236,7 +236,7 @@ def test_parse_openai_and_sampling_overrides():
 
 
 def test_default_model_subset_equals_engine_generate(default_checkpoint, tmp_path):
-  from model.loading import load_model
+  from ridgeline.engine.loading import load_model
   model, tokenizer = load_model(default_checkpoint)
   # One prefill step and equal-length completions: few shapes to compile.
   engine = Engine(model, tokenizer, EngineConfig(

@@ -15,10 +15,10 @@ import urllib.request
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import batch
-from engine.engine import Engine, EngineConfig
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.frontends import batch
+from ridgeline.engine.engine import Engine, EngineConfig
+from ridgeline.model import transformer as transformer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = EngineConfig(page_size=16, num_pages=48, max_model_len=64, max_batch=4,

@@ -11,8 +11,8 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from engine import batch
-from engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.frontends import batch
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from test_batch_generate import (GREEDY, MAX_TOKENS, _complete_lines,
                                  _script, _token_prompts, _write_lines, compile_cache,
                                  engine as tiny_engine)  # noqa: F401 (fixtures)
@@ -178,7 +178,7 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
 
 
 def test_show_prints_openai_batch_records(tmp_path, capsys):
-  from ridgeline_cli.batch_generate import _show
+  from ridgeline.cli.batch_generate import _show
   record = {"id": "batch_req_1", "custom_id": "req-1", "line": 1, "error": None,
             "response": {"status_code": 200, "request_id": "r", "body": {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},

@@ -71,7 +71,7 @@ def test_replot_draws_a_saved_run_with_its_caption(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 50_000
 
-  from engine.bench import plots
+  from ridgeline.tools.bench import plots
   results = json.loads(saved.read_text())
   text = "\n".join(plots.caption(results))
   # B=1 at context 64: 27.6 tok/s, 0.505 FLOP/byte, far left of the 8.7 ridge; its
@@ -105,7 +105,7 @@ def test_replot_rejects_a_file_that_is_not_a_results_json(tmp_path):
 
 
 def test_time_calls_warms_up_then_times_back_to_back_calls():
-  from engine import roofline
+  from ridgeline.engine import roofline
   calls, synced = [], []
   times = roofline.time_calls(lambda x: calls.append(x) or x, 7, repeats=3, warmup=2, calls=4,
                               sync=synced.append)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import models
-from model import checkpoint
-from model import params as params_lib
-from model.checkpoint import CheckpointError
+from ridgeline.configs import models
+from ridgeline.model import checkpoint
+from ridgeline.model import params as params_lib
+from ridgeline.model.checkpoint import CheckpointError
 
 TINY = models.get("tiny")
 

@@ -136,8 +136,8 @@ def tiny_hf_dir(tmp_path_factory):
   """A tiny random Llama in Hugging Face format, with the default model's tokenizer."""
   import torch
   import transformers
-  from model import default_model
-  from model.tokenizer import load_tokenizer
+  from ridgeline.model import default_model
+  from ridgeline.model.tokenizer import load_tokenizer
   path = tmp_path_factory.mktemp("hf") / "tiny-llama"
   torch.manual_seed(0)
   config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
@@ -166,7 +166,7 @@ def test_convert_messages_use_the_flag_and_are_quiet(tiny_hf_dir, tmp_path):
 
 def test_from_checkpoint_enables_the_compilation_cache(tiny_hf_dir, tmp_path):
   import jax
-  from engine.engine import Engine, EngineConfig
+  from ridgeline.engine.engine import Engine, EngineConfig
   previous = jax.config.jax_compilation_cache_dir
   try:
     engine = Engine.from_checkpoint(str(tiny_hf_dir), EngineConfig(
@@ -188,15 +188,22 @@ def test_pip_install_provides_console_scripts(tmp_path):
        "--no-compile", "--target", str(target), str(ROOT)],
       cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  for name in ("ridgeline-generate", "ridgeline-batch", "ridgeline-convert", "ridgeline-bench"):
+  for name in ("ridgeline-generate", "ridgeline-batch", "ridgeline-convert", "ridgeline-bench",
+               "ridgeline-serve"):
     assert (target / "bin" / name).exists(), name
+  # One namespace: nothing generic (engine, model, configs) at the top of site-packages.
+  top = {p.name for p in target.iterdir()}
+  assert top == {"bin", "ridgeline", "ridgeline-0.1.0.dist-info"}, top
+  assert not (target / "ridgeline" / "__init__.py").exists()  # an implicit namespace
+  assert {p.name for p in (target / "ridgeline").iterdir()} == {
+      "util", "model", "configs", "engine", "frontends", "tools", "cli"}
   env = _env()
   env["PYTHONPATH"] = str(target)  # ahead of the shared venv's editable install
-  where = subprocess.run([sys.executable, "-c", "import ridgeline_cli, engine; "
-                          "print(ridgeline_cli.__file__, engine.__file__)"],
+  where = subprocess.run([sys.executable, "-c", "import ridgeline.cli, ridgeline.engine; "
+                          "print(ridgeline.cli.__file__, ridgeline.engine.__file__)"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-  assert where.stdout.split() == [str(target / "ridgeline_cli" / "__init__.py"),
-                                  str(target / "engine" / "__init__.py")], where
+  assert where.stdout.split() == [str(target / "ridgeline" / "cli" / "__init__.py"),
+                                  str(target / "ridgeline" / "engine" / "__init__.py")], where
   help_ = subprocess.run([str(target / "bin" / "ridgeline-generate"), "--help"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=120)
   assert help_.returncode == 0, help_.stderr

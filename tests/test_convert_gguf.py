@@ -22,10 +22,10 @@ import gguf
 import numpy as np
 import pytest
 
-from configs import models
-from model import params as params_lib
-from model.config import ModelConfig, RopeScaling
-from model.convert.gguf import llama3_freq_factors, load_gguf
+from ridgeline.configs import models
+from ridgeline.model import params as params_lib
+from ridgeline.model.config import ModelConfig, RopeScaling
+from ridgeline.model.convert.gguf import llama3_freq_factors, load_gguf
 
 Q = gguf.GGMLQuantizationType
 

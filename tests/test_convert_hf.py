@@ -16,9 +16,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model import params as params_lib
-from model.config import RopeScaling
-from model.convert import hf
+from ridgeline.model import params as params_lib
+from ridgeline.model.config import RopeScaling
+from ridgeline.model.convert import hf
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import sampling
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine import sampling
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import transformer as transformer_lib
 
 CONFIG = EngineConfig(page_size=8, num_pages=64, max_model_len=64, max_batch=8,
                       prefill_chunk=32, max_prefill_batch=4)

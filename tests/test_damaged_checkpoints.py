@@ -8,10 +8,11 @@ import shutil
 import pytest
 from flax import nnx
 
-from configs import models
-from model import checkpoint, default_model, loading
-from model import transformer as transformer_lib
-from model.tokenizer import load_tokenizer
+from ridgeline.configs import models
+from ridgeline.model import checkpoint, default_model
+from ridgeline.engine import loading
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_missing_paths_and_foreign_dirs(tmp_path):
 
 def test_missing_tokenizer_folder_warns(good, tmp_path, caplog):
   path = _damaged(good, tmp_path, loading.TOKENIZER_DIR)
-  with caplog.at_level(logging.WARNING, logger="model.loading"):
+  with caplog.at_level(logging.WARNING, logger="ridgeline.engine.loading"):
     _, tokenizer = loading.load_model(str(path))
   assert tokenizer is None
   assert f"checkpoint {path} has no tokenizer ({path / 'tokenizer'} is missing)" in caplog.text

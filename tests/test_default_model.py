@@ -4,8 +4,8 @@ into an orbax checkpoint, served by the Engine, compared with transformers."""
 import pytest
 import torch
 
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import loading
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.engine import loading
 
 PLAIN = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, there was a"]
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],

@@ -8,11 +8,12 @@ import torch
 import transformers
 from flax import nnx
 
-from configs import models
-from engine.config import EngineConfig
-from engine.engine import Engine, SamplingParams
-from model import checkpoint, loading
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine.config import EngineConfig
+from ridgeline.engine.engine import Engine, SamplingParams
+from ridgeline.model import checkpoint
+from ridgeline.engine import loading
+from ridgeline.model import transformer as transformer_lib
 from tests.hf_tiny import SMALL, save_random
 
 

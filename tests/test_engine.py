@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import transformer as transformer_lib
 
 CONFIG = EngineConfig(page_size=8, num_pages=96, max_model_len=64, max_batch=8,
                       prefill_chunk=32, max_prefill_batch=4)
@@ -343,7 +343,7 @@ def test_step_variants_grow_logarithmically_as_the_readme_says():
 
 
 def test_default_batch_is_sized_to_the_ridge_and_the_pool():
-  from engine import planner, roofline
+  from ridgeline.engine import planner, roofline
   llama8b, small = models.get("llama-3.1-8b"), models.get("smollm2-135m")
 
   def pool(c, peaks):  # tokens 90% of the device's memory holds after the weights

@@ -1,4 +1,4 @@
-"""The batch job on Ray (engine/fleet.py): the same records as the single-process
+"""The batch job on Ray (frontends/fleet/): the same records as the single-process
 job, exactly once across a killed engine actor and a killed driver, and prefix
 routing against round-robin. One local Ray instance (2 CPUs) and one fleet of two
 tiny engines are shared by the module's tests."""
@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from engine import batch
-from engine import fleet as fleet_lib
-from engine.config import EngineConfig
+from ridgeline.frontends import batch
+from ridgeline.frontends import fleet as fleet_lib
+from ridgeline.engine.config import EngineConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The shapes of tests/test_batch_generate.py: few buckets, quick compiles.
@@ -151,11 +151,11 @@ def job_input(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(job_input, tmp_path_factory):
-  """The single-process job (engine/batch.py) on the same weights and input."""
+  """The single-process job (frontends/batch/) on the same weights and input."""
   from flax import nnx
-  from configs import models
-  from engine.engine import Engine
-  from model import transformer as transformer_lib
+  from ridgeline.configs import models
+  from ridgeline.engine.engine import Engine
+  from ridgeline.model import transformer as transformer_lib
   engine = Engine(transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0)), None, CONFIG)
   out = tmp_path_factory.mktemp("ref") / "out.jsonl"
   batch.run_batch(engine, batch.BatchJob(str(job_input), str(out), SAMPLING, progress=False))
@@ -326,11 +326,11 @@ def test_serve_fleet_answers_the_openai_client_and_429s_when_every_replica_is_fu
   import openai
   from flax import nnx
   from ray import serve
-  from configs import models
-  from engine.engine import Engine, SamplingParams
-  from model import default_model
-  from model import transformer as transformer_lib
-  from model.tokenizer import Tokenizer
+  from ridgeline.configs import models
+  from ridgeline.engine.engine import Engine, SamplingParams
+  from ridgeline.model import default_model
+  from ridgeline.model import transformer as transformer_lib
+  from ridgeline.model.tokenizer import Tokenizer
 
   config = EngineConfig(page_size=16, num_pages=64, max_model_len=128, max_batch=4,
                         prefill_chunk=64, max_prefill_batch=2)

@@ -6,9 +6,10 @@ transformers' own model for the same GGUF, greedy, plain and chat-templated."""
 import pytest
 import torch
 
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import gemma3_270m, loading
-from model.tokenizer import GEMMA_CHAT_TEMPLATE
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import gemma3_270m
+from ridgeline.engine import loading
+from ridgeline.model.tokenizer import GEMMA_CHAT_TEMPLATE
 from tests import hf_tiny
 
 PLAIN = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, there was a"]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from engine import grammar
-from engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
-from model.tokenizer import Tokenizer
+from ridgeline.engine import grammar
+from ridgeline.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec
+from ridgeline.model.tokenizer import Tokenizer
 
 FIELD = "response_format.json_schema.schema"
 

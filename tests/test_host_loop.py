@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import transformer as transformer_lib
-from model.tokenizer import Tokenizer
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import Tokenizer
 
 ROWS = 288  # requests in the mixed batch (n = 2 on some: more completions)
 

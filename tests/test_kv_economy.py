@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import kv_cache
-from engine.engine import CapacityError, Engine, EngineConfig, SamplingParams
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine import kv_cache
+from ridgeline.engine.engine import CapacityError, Engine, EngineConfig, SamplingParams
+from ridgeline.model import transformer as transformer_lib
 
 PAGE = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
@@ -162,7 +162,7 @@ def test_metrics_match_a_known_workload(model):
 def test_metric_samples_stay_bounded():
   """A long-running server keeps at most MAX_SAMPLES raw samples of each kind;
   numbering stays absolute, so a job's `since` still reads what it took."""
-  from engine import metrics as metrics_lib
+  from ridgeline.engine import metrics as metrics_lib
   m = metrics_lib.Metrics(ridge_point=100.0)
   m._samples["ttft"] = metrics_lib._Samples(cap=8)
   for i in range(20):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import kv_cache, roofline
-from engine.engine import Engine, EngineConfig, SamplingParams
-from engine.kv_host import HostTier
-from engine.planner import Planner
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine import kv_cache, roofline
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.engine.kv_host import HostTier
+from ridgeline.engine.planner import Planner
+from ridgeline.model import transformer as transformer_lib
 
 PAGE = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -10,9 +10,9 @@ import sys
 
 import portpicker
 
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import loading
-from model import sharding
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.engine import loading
+from ridgeline.model import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESH = "data=2,model=4"

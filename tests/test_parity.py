@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from model import transformer as transformer_lib
-from model.convert.hf import load_hf
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.convert.hf import load_hf
 
 VOCAB, PROMPT_LEN = 320, 32
 

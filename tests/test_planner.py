@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from configs import models
-from engine import roofline
-from engine.config import EngineConfig
-from engine.planner import Planner
+from ridgeline.configs import models
+from ridgeline.engine import roofline
+from ridgeline.engine.config import EngineConfig
+from ridgeline.engine.planner import Planner
 
 LLAMA8B = models.get("llama-3.1-8b")
 H100 = roofline.PEAKS["H100"]

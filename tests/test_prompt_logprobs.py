@@ -10,9 +10,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from engine import batch
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import loading, sharding
+from ridgeline.frontends import batch
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.engine import loading
+from ridgeline.model import sharding
 
 ALICE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "alice.txt"
 PROMPTS = ["The capital of France is Paris, and the capital of Italy is Rome.",

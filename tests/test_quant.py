@@ -15,13 +15,14 @@ import torch
 import transformers
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import attention, checkpoint, kv_quant, loading, quant, sharding
-from model import params as params_lib
-from model import transformer as transformer_lib
-from model.convert.gguf import load_gguf
-from model.convert.hf import load_hf
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import attention, checkpoint, kv_quant, quant, sharding
+from ridgeline.engine import loading
+from ridgeline.model import params as params_lib
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.convert.gguf import load_gguf
+from ridgeline.model.convert.hf import load_hf
 
 TINY = models.get("tiny")
 # Max |logits - float logits| / max |float logits| on the tiny random model
@@ -317,7 +318,7 @@ def test_gguf_blocks_kept_as_qwix_arrays(tmp_path, qtype, mode):
   # Asked for another mode (or none), the same file dequantizes as before.
   float_config, _ = load_gguf(path, keep_quantized="fp8")
   assert float_config.quantization is None
-  from model.convert import load_foreign  # what load_model(path, quantize=mode) calls
+  from ridgeline.model.convert import load_foreign  # what load_model(path, quantize=mode) calls
   config2, params2 = loading._quantized(*load_foreign(path, quantize=mode), mode)
   assert config2.quantization_block == 32
   assert np.asarray(params2["layers"][0]["q"].qvalue).tobytes() == np.asarray(
@@ -416,8 +417,8 @@ def test_kv_quantized_attention_xla_and_pallas_interpret(kv):
 
 
 def test_roofline_and_planner_know_the_bytes():
-  from engine import roofline
-  from engine.planner import Planner
+  from ridgeline.engine import roofline
+  from ridgeline.engine.planner import Planner
   bf16 = models.get("llama-3.1-8b").replace(param_dtype="bfloat16", compute_dtype="bfloat16")
   base = roofline.weight_bytes(bf16)
   ratios = {m: base / roofline.weight_bytes(bf16.replace(quantization=m)) for m in quant.MODES}

@@ -10,10 +10,11 @@ import dataclasses
 
 import pytest
 
-from engine import quant_eval
-from engine.config import EngineConfig
-from model import loading, quant
-from model import transformer as transformer_lib
+from ridgeline.tools import quant_eval
+from ridgeline.engine.config import EngineConfig
+from ridgeline.engine import loading
+from ridgeline.model import quant
+from ridgeline.model import transformer as transformer_lib
 
 PROMPTS = list(quant_eval.PROMPTS[:10])
 TOKENS = 16

@@ -36,13 +36,13 @@ CHILD_TIMEOUT_S = 420
 def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache: str,
            peaks: dict) -> dict:
   """In the child: load `source` onto `mesh_text`, generate greedily, report."""
-  from engine import roofline
-  from engine.engine import Engine, EngineConfig, SamplingParams
-  from engine.runner import enable_compilation_cache
-  from model import loading
-  from model import params as params_lib
-  from model import sharding
-  from model import transformer as transformer_lib
+  from ridgeline.engine import roofline
+  from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+  from ridgeline.engine.runner import enable_compilation_cache
+  from ridgeline.engine import loading
+  from ridgeline.model import params as params_lib
+  from ridgeline.model import sharding
+  from ridgeline.model import transformer as transformer_lib
 
   # The children on one mesh compile the same programs: sharing them through JAX's
   # persistent cache took a child from 57 s to 26 s (measured on the 2-core machine).
@@ -73,7 +73,7 @@ def _child(source: str, mesh_text: str, prompts: list[list[int]], compile_cache:
 
 def _run_child(source: str, mesh_text: str, prompts: list[list[int]], tmp_path,
                compile_cache) -> dict:
-  from engine import roofline
+  from ridgeline.engine import roofline
   # The parent's measured CPU peaks (memoized per process), so the children do not
   # each calibrate, and plan -- and compile -- the same steps.
   peaks = dataclasses.asdict(roofline.device_peaks())

@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from engine import sampling
+from ridgeline.engine import sampling
 
 
 def _reference_keep(logits, temperature, top_k, top_p, min_p):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.engine import Engine, EngineConfig
-from engine.server import create_app
-from model import loading
+from ridgeline.engine.engine import Engine, EngineConfig
+from ridgeline.frontends.server import create_app
+from ridgeline.engine import loading
 from tests.serving import serve_in_thread
 
 NAME = "smollm2"

@@ -19,12 +19,12 @@ import openai
 import pytest
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from engine.server import create_app
-from model import default_model
-from model import transformer as transformer_lib
-from model.tokenizer import Tokenizer
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.frontends.server import create_app
+from ridgeline.model import default_model
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import Tokenizer
 from tests.serving import serve_in_thread
 
 CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128, max_batch=16,
@@ -389,7 +389,7 @@ def test_api_key():
 
 
 def test_serve_bench_against_the_live_server(served):
-  from engine import serve_bench
+  from ridgeline.tools import serve_bench
   cfg = serve_bench.ServeBenchConfig(url=served.url, rates=(8.0, float("inf")), num_requests=6,
                                      input_len=8, output_len=5, warmup_requests=2)
   results = serve_bench.run(cfg)
@@ -410,9 +410,9 @@ def test_serve_bench_against_the_live_server(served):
 
 
 def test_serve_bench_starts_the_installed_server_anywhere(tmp_path):
-  """`ridgeline-bench --mode serve` starts `python -m ridgeline_cli.serve` with this
+  """`ridgeline-bench --mode serve` starts `python -m ridgeline.cli.serve` with this
   installation first on the path (no scripts/ directory needed), from any directory."""
-  from engine import serve_bench
+  from ridgeline.tools import serve_bench
   command, env = serve_bench.server_command()
   done = subprocess.run([*command, "--helpshort"], env=env, cwd=tmp_path, capture_output=True,
                         text=True, timeout=120)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import checkpoint
-from model import loading
-from model import params as params_lib
-from model import sharding
-from model import transformer as transformer_lib
+from ridgeline.configs import models
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import checkpoint
+from ridgeline.engine import loading
+from ridgeline.model import params as params_lib
+from ridgeline.model import sharding
+from ridgeline.model import transformer as transformer_lib
 
 # Two prompts that prefill together in one step (5 + 11 tokens <= prefill_chunk)
 # and then decode together within two pages each: two compiled steps per engine.

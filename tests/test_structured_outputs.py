@@ -16,14 +16,14 @@ import pydantic
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import batch
-from engine.engine import Engine, EngineConfig, SamplingParams
-from engine.grammar import GrammarSpec
-from engine.server import create_app
-from model import loading
-from model import transformer as transformer_lib
-from model.tokenizer import Tokenizer
+from ridgeline.configs import models
+from ridgeline.frontends import batch
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.engine.grammar import GrammarSpec
+from ridgeline.frontends.server import create_app
+from ridgeline.engine import loading
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import Tokenizer
 from tests.serving import serve_in_thread
 
 NAME = "smollm2"

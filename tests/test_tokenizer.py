@@ -12,7 +12,7 @@ import gguf  # noqa: E402
 import pytest  # noqa: E402
 import sentencepiece  # noqa: E402
 
-from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from ridgeline.model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 TEXTS = [
     "Hello world! 😀🎉 Emoji 👩‍👩‍👧 and flags 🇫🇷.",

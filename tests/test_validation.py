@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 from flax import nnx
 
-from configs import models
-from engine import util
-from engine.engine import Engine, EngineConfig, SamplingParams
-from model import default_model
-from model import transformer as transformer_lib
-from model.tokenizer import load_tokenizer
+from ridgeline.configs import models
+from ridgeline import util
+from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
+from ridgeline.model import default_model
+from ridgeline.model import transformer as transformer_lib
+from ridgeline.model.tokenizer import load_tokenizer
 
 VOCAB = 49152  # the default model's tokenizer
 CONFIG = EngineConfig(page_size=8, num_pages=64, max_model_len=64, max_batch=4,

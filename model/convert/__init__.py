@@ -6,8 +6,8 @@ import json
 import os
 import pathlib
 
-from model.config import ModelConfig
-from model.params import Params
+from ridgeline.model.config import ModelConfig
+from ridgeline.model.params import Params
 
 
 def load_foreign(path: str | os.PathLike, dtype: str | None = None,
@@ -22,14 +22,14 @@ def load_foreign(path: str | os.PathLike, dtype: str | None = None,
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
   if path.is_file() and path.suffix == ".gguf":
-    from model.convert.gguf import load_gguf
+    from ridgeline.model.convert.gguf import load_gguf
     return load_gguf(path, dtype, keep_quantized=quantize)
   if path.is_dir():
     incomplete = _incomplete_ridgeline_checkpoint(path)
     if incomplete:
       raise ValueError(incomplete)
   if path.is_dir() and (path / "config.json").exists():
-    from model.convert.hf import load_hf
+    from ridgeline.model.convert.hf import load_hf
     return load_hf(path, dtype)
   if path.is_dir():
     raise ValueError(f"{path} is not a model directory: it has no config.json (an orbax "
@@ -45,10 +45,10 @@ def load_foreign_with_tokenizer(path: str | os.PathLike, dtype: str | None = Non
   """`load_foreign` and the file's tokenizer: (config, params, tokenizer). A GGUF
   file is opened once for both (opening one parses its whole vocabulary: 3.5 s
   for the default model's, half of converting it)."""
-  from model.tokenizer import Tokenizer, load_tokenizer
+  from ridgeline.model.tokenizer import Tokenizer, load_tokenizer
   path = pathlib.Path(path)
   if path.is_file() and path.suffix == ".gguf":
-    from model.convert.gguf import load_gguf, open_gguf
+    from ridgeline.model.convert.gguf import load_gguf, open_gguf
     reader = open_gguf(path)
     config, params = load_gguf(path, dtype, keep_quantized=quantize, reader=reader)
     return config, params, Tokenizer.from_gguf(path, reader=reader)
@@ -60,7 +60,7 @@ def _incomplete_ridgeline_checkpoint(path: pathlib.Path) -> str | None:
   """What a damaged orbax checkpoint lacks, when `path` looks like one: it has
   some of config.json (a ModelConfig, not a Hugging Face config), manifest.json
   and params/, but not all (else it would have loaded as a checkpoint)."""
-  from model import checkpoint
+  from ridgeline.model import checkpoint
   names = (checkpoint.CONFIG_FILE, checkpoint.MANIFEST_FILE, checkpoint.PARAMS_DIR)
   present = [n for n in names if (path / n).exists()]
   config = path / checkpoint.CONFIG_FILE

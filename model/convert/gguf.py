@@ -39,10 +39,10 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from model import params as params_lib
-from model import quant
-from model.config import ModelConfig, RopeScaling
-from model.params import Params
+from ridgeline.model import params as params_lib
+from ridgeline.model import quant
+from ridgeline.model.config import ModelConfig, RopeScaling
+from ridgeline.model.params import Params
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
 _GEMMA = ("gemma2", "gemma3")

@@ -25,10 +25,10 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from model import params as params_lib
-from model import quant
-from model.config import ModelConfig, RopeScaling
-from model.params import Params
+from ridgeline.model import params as params_lib
+from ridgeline.model import quant
+from ridgeline.model.config import ModelConfig, RopeScaling
+from ridgeline.model.params import Params
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
