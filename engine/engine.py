@@ -36,7 +36,7 @@ from ridgeline.engine import planner as planner_lib
 from ridgeline.engine.planner import Planner
 from ridgeline.engine.runner import Runner
 from ridgeline.engine.sampling import SamplingParams
-from ridgeline.engine.outputs import RequestMetrics, StreamOutput
+from ridgeline.engine.outputs import RequestMetrics, StepResult, StreamOutput
 from ridgeline.engine.scheduler import Request, Scheduler
 from ridgeline.model import default_model
 from ridgeline.model import transformer as transformer_lib
@@ -394,9 +394,10 @@ class Engine:
   def has_unfinished(self) -> bool:
     return self.scheduler.has_work()
 
-  def step(self):
-    """One scheduler step; returns the deltas it produced: those of streaming
-    requests as they come, and one for every completion that finished."""
+  def step(self) -> StepResult:
+    """One scheduler step: the deltas it produced (those of streaming requests
+    as they come, and one for every completion that finished) and the ids of
+    the requests that ended in it."""
     return self.scheduler.step()
 
   def warmup(self, background: bool = False) -> float:
@@ -486,15 +487,12 @@ class Engine:
           if not exhausted:  # the queue is full of other callers' requests
             self.step()
           continue
-        done: dict[str, None] = {}  # n > 1: several completions may end in one step
-        for d in self.step():
-          if d.request_id not in live:
+        result = self.step()
+        if stream:
+          yield from (d for d in result.deltas if d.request_id in live)
+        for rid in result.finished:
+          if rid not in live:
             continue  # a request of another caller of add_request
-          if stream:
-            yield d
-          if d.finished and self.scheduler.requests[d.request_id].finished:
-            done[d.request_id] = None
-        for rid in done:
           out = self.get_output(rid)
           out.prompt = live.pop(rid).prompt
           self.release(rid)

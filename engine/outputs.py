@@ -30,6 +30,18 @@ class StreamOutput:
   prompt_index: int | None = None  # set by `Engine.stream`: the prompt's position
 
 
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  """What one engine step produced. `deltas`: for streaming sequences as their
+  tokens come, and one for every sequence that finished. `finished`: the ids of
+  the requests that ended in this step (every sequence done, by a finish or an
+  error; not those aborted by the caller), each once: their outputs are complete
+  (`Engine.get_output`, then `release`)."""
+
+  deltas: list[StreamOutput]
+  finished: list[str]
+
+
 @dataclasses.dataclass(eq=False)
 class Completion:
   """The output side of one sequence that Python holds: text, the finish, the

@@ -209,6 +209,7 @@ class Scheduler:
     self._arrivals = 0
     self._inflight: _Step | None = None
     self._to_free: set[int] = set()  # finished slots with a token still in flight
+    self._ended: list[str] = []  # requests finished since the last step returned
     # Free pages low-priority work may not take: room for one sequence of the
     # model length, at most an eighth of the pool.
     self.page_reserve = min(config.max_pages_per_seq, runner.num_pages // 8)
@@ -280,12 +281,12 @@ class Scheduler:
 
   # The step -------------------------------------------------------------------
 
-  def step(self) -> list[outputs.StreamOutput]:
+  def step(self) -> outputs.StepResult:
     """Dispatches the next step's model pass, reads the previous step, then
     dispatches the next step's sampler (its grammar masks filled from the tokens
-    just read). Returns the deltas it produced: for streaming sequences as their
-    tokens come, and one for every sequence that finished (for the others, their
-    whole output)."""
+    just read). Returns the deltas it produced (for streaming sequences as their
+    tokens come, and one for every sequence that finished) and the requests that
+    ended."""
     t0 = time.perf_counter()
     evictions = self.allocator.evictions
     tier = self._tier_counts()
@@ -302,7 +303,8 @@ class Scheduler:
       self._count_tier(tier)
     self.metrics.set_load(self.num_running, len(self.waiting), self.kv.utilization())
     self.metrics.on_host_step(time.perf_counter() - t0, wait)
-    return deltas
+    ended, self._ended = self._ended, []
+    return outputs.StepResult(deltas, ended)
 
   def _tier_counts(self) -> tuple | None:
     host = self.kv.host
@@ -782,6 +784,8 @@ class Scheduler:
       self.waiting.remove(seq)
     request = seq.request
     if request.finished:
+      if reason != "abort":
+        self._ended.append(request.request_id)
       request.finish_time = time.perf_counter()
       m = request.metrics()
       self.metrics.on_request_finished(m.ttft, m.tpot, m.queue_time)

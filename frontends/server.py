@@ -185,14 +185,14 @@ class EngineLoop:
           self._abort(payload)
       if self._live or self.engine.has_unfinished():
         try:
-          deltas = self.engine.step()
+          result = self.engine.step()
         except Exception as e:  # noqa: BLE001 -- fail the batch, keep serving
           log.exception("engine step failed")
           self._fail_all(oaf.OpenAIError(f"engine step failed: {type(e).__name__}: {e}",
                                          status=500, type="server_error"))
           continue
         self.steps += 1
-        self._dispatch(deltas)
+        self._dispatch(result)
 
   def _add(self, subs: list[_Sub]) -> None:
     for sub in subs:
@@ -229,9 +229,9 @@ class EngineLoop:
     del self._live[sub.rid]
     sub.post(("done", sub.slot, out))
 
-  def _dispatch(self, deltas) -> None:
+  def _dispatch(self, result) -> None:
     by_rid = collections.defaultdict(list)
-    for d in deltas:
+    for d in result.deltas:
       by_rid[d.request_id].append(d)
     for rid, ds in by_rid.items():
       sub = self._live.get(rid)
@@ -251,13 +251,9 @@ class EngineLoop:
         sub.emitted[d.index] += len(d.token_ids)
         sub.post(("delta", sub.slot, d.index, d.text, list(d.token_ids), lps,
                   d.finish_reason if d.finished else None, echo))
-    # A request ends with a finished delta per completion; one may also end with no
-    # delta left to give (then the engine has nothing unfinished).
-    ended = ({d.request_id for d in deltas if d.finished} if self.engine.has_unfinished()
-             else set(self._live))
-    for rid in ended:
+    for rid in result.finished:
       sub = self._live.get(rid)
-      if sub is not None and self.engine.get_output(rid).finished:
+      if sub is not None:
         self._finish(sub)
 
   def _fail_all(self, error: oaf.OpenAIError) -> None:

@@ -66,7 +66,7 @@ def _run_mixed(engine, requests):
   streamed = {rid: {} for rid, (_, _, s) in zip(ids, requests) if s}
   finished_deltas = set()
   while engine.has_unfinished():
-    for d in engine.step():
+    for d in engine.step().deltas:
       if d.request_id in streamed:
         text, toks = streamed[d.request_id].get(d.index, ("", []))
         streamed[d.request_id][d.index] = (text + d.text, toks + d.token_ids)

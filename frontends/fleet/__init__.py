@@ -398,15 +398,10 @@ class EngineWorker:
           else:
             inflight[rid] = (item, call, k)
         if inflight:
-          deltas = engine.step()
-          ended = {d.request_id for d in deltas if d.finished and d.request_id in inflight}
-          if not engine.has_unfinished():
-            ended = set(inflight)
-          for rid in ended:
-            out = engine.get_output(rid)
-            if out.finished:
+          for rid in engine.step().finished:
+            if rid in inflight:
               item, call, k = inflight.pop(rid)
-              self._deliver(call, k, self._record(item, out))
+              self._deliver(call, k, self._record(item, engine.get_output(rid)))
               engine.release(rid)
         self._snapshot = {"running": len(inflight), "waiting": len(self._pending),
                           "kv_utilization": engine.kv_utilization()}
