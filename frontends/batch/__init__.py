@@ -28,6 +28,8 @@ The story of one job:
    newline, or a line that does not parse) is truncated away, and the lines already
    there are skipped. Error records count as done (they are deterministic). So the
    job may be killed at any instant, SIGKILL included, and rerun with the same input.
+   Every writer of an output (this one, the merge of parts, the fleet's blocks)
+   takes its lock and commits through the one journal, journal.py's `Journal`.
 5. When the input is exhausted the output is rewritten (atomically) in input order,
    parts are merged once every part is complete, and a summary is printed and
    written to `OUTPUT.summary.json`.
