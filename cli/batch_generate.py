@@ -21,8 +21,8 @@ Two ways to use several processes:
   --process_id; the mesh spans them): the processes run in lockstep, every one reads
   the whole input, and process 0 writes OUTPUT.
 
-And one over many engines: --ray runs the job on a fleet of Ray actors (engine/
-fleet.py), one engine per GPU (or per --ray_worker_cpus CPUs), requests routed by
+And one over many engines: --ray runs the job on a fleet of Ray actors
+(frontends/fleet/), one engine per GPU (or per --ray_worker_cpus CPUs), requests routed by
 prefix affinity then load, output committed block by block under OUTPUT.blocks/.
 A local Ray instance by default; --ray_address joins a cluster (see docs/ray.md):
 
@@ -102,7 +102,6 @@ FLAGS = flags.FLAGS
 def _run_on_ray() -> int:
   import shutil
   from ridgeline.frontends import fleet as fleet_lib
-  from ridgeline.engine import loading
   if FLAGS.process_count > 1 or FLAGS.coordinator_address or FLAGS.mesh:
     raise app.UsageError("--ray runs one engine per actor on one device each; it does not "
                          "combine with --process_count, --coordinator_address or --mesh")
@@ -110,14 +109,14 @@ def _run_on_ray() -> int:
   lock = batch.JobLock(FLAGS.output)
   try:
     if FLAGS.overwrite:
-      batch._remove_outputs(FLAGS.output)  # noqa: SLF001 -- the job's own rule, under its lock
+      lock.remove_outputs()
       shutil.rmtree(fleet_lib.block_dir(FLAGS.output), ignore_errors=True)
-    return _fleet_job(fleet_lib, loading)
+    return _fleet_job(fleet_lib)
   finally:
     lock.release()
 
 
-def _fleet_job(fleet_lib, loading) -> int:
+def _fleet_job(fleet_lib) -> int:
   t0 = time.perf_counter()
   # The job's runtime_env: Ray uploads py_modules only at this level.
   runtime_env = (fleet_lib.code_runtime_env(ship=bool(FLAGS.ray_address))
@@ -125,14 +124,8 @@ def _fleet_job(fleet_lib, loading) -> int:
   resources = fleet_lib.init_ray(FLAGS.ray_address, FLAGS.ray_num_cpus,
                                  log_to_driver=False, runtime_env=runtime_env)
   ray_s = time.perf_counter() - t0
-  checkpoint = FLAGS.checkpoint
-  if checkpoint is None and FLAGS.model is None:  # convert once here, not in every actor
-    checkpoint = str(loading.ensure_default_checkpoint(FLAGS.cache_dir))
-  spec = fleet_lib.EngineSpec(checkpoint=checkpoint, preset=FLAGS.model,
-                              cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
-                              config=flags_common.engine_config(),
-                              compilation_cache_dir=flags_common.compilation_cache_dir(),
-                              quantize=FLAGS.quantize)
+  # The default model is converted once here, not in every actor.
+  spec = flags_common.engine_spec().with_default_checkpoint()
   fleet = fleet_lib.Fleet(spec, num_workers=FLAGS.ray_workers or None,
                           num_gpus=FLAGS.ray_worker_gpus, num_cpus=FLAGS.ray_worker_cpus,
                           max_restarts=FLAGS.ray_max_restarts,
@@ -173,7 +166,7 @@ def _default_sampling() -> dict:
 
 def _show(path: str, k: int) -> None:
   for r in batch.read_records(path)[:k]:
-    view = batch._record_view(r)  # an OpenAI batch record keeps its answer in `response`
+    view = batch.record_view(r)  # an OpenAI batch record keeps its answer in `response`
     print(f"### {view['id']} (line {view['line']})")
     if r.get("error"):
       print(f"[error] {r['error']}\n")

@@ -59,8 +59,9 @@ flags.DEFINE_string("compilation_cache_dir", None,
                     f"{default_model.COMPILATION_CACHE_SUBDIR}; 'none' turns it off.")
 flags.DEFINE_string("mesh", None,
                     "Device mesh, e.g. 'data=2,model=4' (or '2x4'; -1 = the remaining "
-                    "devices): weights and KV pages sharded over `model`, batches split over "
-                    "`data`. Default: one device (all devices, over `model`, when "
+                    "devices): weights and KV pages sharded over `model`; each `data` "
+                    "replica runs the whole step (the batch is not split over `data`). "
+                    "Default: one device (all devices, over `model`, when "
                     "--num_processes > 1).")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for a multi-process (multi-host) run.")
@@ -124,37 +125,20 @@ def make_mesh():
   return sharding.make_mesh(FLAGS.mesh)
 
 
-def agreed_peaks():
-  """Device peaks every process agrees on: the planner sizes steps from them, and
-  processes that planned different steps would wait on each other forever. Table
-  entries are identical everywhere; measured ones (CPUs) are process 0's."""
-  import dataclasses
-  import jax
-  import numpy as np
-  from ridgeline.engine import roofline
-  from jax.experimental import multihost_utils
-  peaks = roofline.device_peaks(jax.local_devices()[0])
-  if jax.process_count() == 1 or not peaks.measured:
-    return peaks
-  names = sorted(peaks.flops)
-  values = np.asarray([peaks.flops[n] for n in names] + [peaks.bandwidth, peaks.memory_bytes],
-                      np.float32)
-  values = [float(v) for v in multihost_utils.broadcast_one_to_all(values)]
-  return dataclasses.replace(peaks, flops=dict(zip(names, values)), bandwidth=values[-2],
-                             memory_bytes=values[-1])
+def engine_spec(mesh=None):
+  """The EngineSpec the flags describe (engine/build.py); `mesh`: the Mesh to build
+  it on (make_mesh()), for the commands that take --mesh."""
+  from ridgeline.engine.build import EngineSpec
+  return EngineSpec(checkpoint=FLAGS.checkpoint, preset=FLAGS.model, cache_dir=FLAGS.cache_dir,
+                    dtype=FLAGS.dtype, quantize=FLAGS.quantize, config=engine_config(),
+                    compilation_cache_dir=compilation_cache_dir(), mesh=mesh)
 
 
 def load_engine(precompile: str | None = None):
   """Builds the Engine the flags describe (joining a multi-process run first) and
   compiles its step variants as `precompile` (default: --precompile) says."""
   init_distributed()
-  from ridgeline.engine.engine import Engine
-  from ridgeline.engine.loading import load_model
-  enable_compilation_cache()
-  mesh = make_mesh()
-  model, tokenizer = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.cache_dir, FLAGS.dtype,
-                                mesh=mesh, quantize=FLAGS.quantize)
-  engine = Engine(model, tokenizer, engine_config(), peaks=agreed_peaks(), mesh=mesh)
+  engine = engine_spec(mesh=make_mesh()).build()
   precompile = FLAGS.precompile if precompile is None else precompile
   if precompile != "none":
     seconds = engine.warmup(background=precompile == "background")

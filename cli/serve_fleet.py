@@ -40,21 +40,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from ridgeline.frontends import fleet as fleet_lib
-  from ridgeline.engine import loading
   logging.set_verbosity(logging.INFO)
   if FLAGS.api_key is None and FLAGS.host not in ("127.0.0.1", "localhost", "::1"):
     logging.warning("serving on %s WITHOUT an API key; pass --api_key", FLAGS.host)
   t0 = time.perf_counter()
   fleet_lib.init_ray(FLAGS.ray_address, FLAGS.ray_num_cpus,
                      runtime_env=fleet_lib.code_runtime_env(ship=bool(FLAGS.ray_address)))
-  checkpoint = FLAGS.checkpoint
-  if checkpoint is None and FLAGS.model is None:
-    checkpoint = str(loading.ensure_default_checkpoint(FLAGS.cache_dir))
-  spec = fleet_lib.EngineSpec(checkpoint=checkpoint, preset=FLAGS.model,
-                              cache_dir=FLAGS.cache_dir, dtype=FLAGS.dtype,
-                              config=flags_common.engine_config(),
-                              compilation_cache_dir=flags_common.compilation_cache_dir(),
-                              quantize=FLAGS.quantize)
+  # The default model is converted once here, not in every replica.
+  spec = flags_common.engine_spec().with_default_checkpoint()
   fleet_lib.serve_fleet(spec, FLAGS.replicas, host=FLAGS.host, port=FLAGS.port,
                         model_name=FLAGS.served_model_name, max_pending=FLAGS.max_pending,
                         retry_after_s=FLAGS.retry_after, api_key=FLAGS.api_key,

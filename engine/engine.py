@@ -149,12 +149,10 @@ class Engine:
     compilation cache, process-wide), so a second process skips compiling; the
     default is ~/.cache/ridgeline/jax_cache, None leaves JAX's setting alone.
     """
-    from ridgeline.engine.loading import load_model  # orbax is only needed when restoring
-    if compilation_cache_dir:
-      from ridgeline.engine.runner import enable_compilation_cache
-      enable_compilation_cache(compilation_cache_dir)
-    model, tokenizer = load_model(path, mesh=mesh)
-    return cls(model, tokenizer, config, mesh=mesh, **kwargs)
+    from ridgeline.engine.build import EngineSpec  # the one builder (engine/build.py)
+    return EngineSpec(checkpoint=path, config=config if config is not None else EngineConfig(),
+                      mesh=mesh, compilation_cache_dir=compilation_cache_dir,
+                      **kwargs).build()
 
   # Requests -----------------------------------------------------------------
 

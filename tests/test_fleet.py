@@ -123,7 +123,7 @@ def _write_lines(path, rows):
 
 def _key(r):
   """What must not change between runs (timings may), in either record format."""
-  v = batch._record_view(r)
+  v = batch.record_view(r)
   choices = ((r.get("response") or {}).get("body") or {}).get("choices")
   return (v.get("id"), r["line"], v.get("finish_reason"), r.get("token_ids"), r.get("text"),
           r.get("error"), json.dumps(choices, sort_keys=True))
@@ -171,7 +171,7 @@ def test_fleet_job_equals_the_single_process_job(fleet, job_input, reference, tm
   summary = fleet_lib.run_job(fleet, _fleet_job(job_input, out, block_size=8))
   records = batch.read_records(str(out))
   assert [_key(r) for r in records] == reference
-  views = [batch._record_view(r) for r in records]
+  views = [batch.record_view(r) for r in records]
   assert sum(v["finish_reason"] == "error" for v in views) == 2  # bad line, duplicate id
   assert records[7]["custom_id"] == "oa-7" and records[7]["response"]["status_code"] == 200
   assert summary["requests"] == 32 and summary["run"]["committed_blocks"] == 4

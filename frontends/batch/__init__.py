@@ -28,6 +28,8 @@ The story of one job:
    newline, or a line that does not parse) is truncated away, and the lines already
    there are skipped. Error records count as done (they are deterministic). So the
    job may be killed at any instant, SIGKILL included, and rerun with the same input.
+   Every writer of an output (this one, the merge of parts, the fleet's blocks)
+   takes its lock and commits through the one journal, journal.py's `Journal`.
 5. When the input is exhausted the output is rewritten (atomically) in input order,
    parts are merged once every part is complete, and a summary is printed and
    written to `OUTPUT.summary.json`.
@@ -58,20 +60,21 @@ line; OpenAI readers ignore unknown fields).
 
 from __future__ import annotations
 
-# The package's parts, re-exported: callers use `ridgeline.frontends.batch.X`.
-from ridgeline.frontends.batch.records import (  # noqa: F401
-    Item, JsonlSource, _EXPECTED_LINE, _completion, _dumps, _error_record, _id_digest,
-    _looks_openai, _openai_error_record, _openai_ids, _openai_result_record, _parse_record,
-    _record_view, _result_record, _round, derive_seed, make_dataset, parse_line)
-from ridgeline.frontends.batch.journal import (  # noqa: F401
-    _write_json, JobLock, LockedError, ResultWriter, Tally, _FollowerWriter, _agree_on_done,
-    _iter_lines, _merge_locked, _read_json, _remove_outputs, _rewrite_in_input_order,
-    merge_parts, part_path, read_records, summary_path)
-from ridgeline.frontends.batch.report import (  # noqa: F401
-    _COUNTERS, _PERCENTILES, _engine_counts, _flat, _fmt_pct, _percentiles, format_summary)
-from ridgeline.frontends.batch.job import (  # noqa: F401
-    BatchJob, _feed, _run_locked, run_batch)
+# The package's public parts: callers use `ridgeline.frontends.batch.X` (or the
+# module: records, journal, merge, blocks, report, job).
+from ridgeline.frontends.batch.records import (
+    Item, JsonlSource, derive_seed, encode_record, error_record, make_dataset, parse_line,
+    record_view, result_record)
+from ridgeline.frontends.batch.journal import (
+    JobLock, Journal, LockedError, ResultWriter, Tally, part_path, read_json, read_records,
+    summary_path)
+from ridgeline.frontends.batch.merge import merge_parts
+from ridgeline.frontends.batch.blocks import BlockJournal, block_dir, block_name
+from ridgeline.frontends.batch.report import format_summary
+from ridgeline.frontends.batch.job import BatchJob, run_batch
 
-__all__ = ["BatchJob", "JobLock", "LockedError", "JsonlSource", "Item", "parse_line",
-           "make_dataset", "ResultWriter", "run_batch", "merge_parts", "part_path",
-           "summary_path", "format_summary", "read_records"]
+__all__ = ["BatchJob", "JobLock", "Journal", "LockedError", "JsonlSource", "Item",
+           "parse_line", "make_dataset", "derive_seed", "ResultWriter", "Tally", "run_batch",
+           "merge_parts", "part_path", "summary_path", "format_summary", "read_records",
+           "read_json", "record_view", "encode_record", "error_record", "result_record",
+           "BlockJournal", "block_dir", "block_name"]

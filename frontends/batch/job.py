@@ -14,13 +14,12 @@ import grain
 from ridgeline.engine.engine import GenerationRequest
 from ridgeline.frontends import openai_format as oaf
 
-from ridgeline.frontends.batch.records import (  # noqa: F401
-    Item, _error_record, _id_digest, _record_view, _result_record, make_dataset)
-from ridgeline.frontends.batch.journal import (  # noqa: F401
-    _write_json, JobLock, ResultWriter, _FollowerWriter, _agree_on_done, _read_json,
-    _remove_outputs, _rewrite_in_input_order, merge_parts, part_path, summary_path)
-from ridgeline.frontends.batch.report import (  # noqa: F401
-    _engine_counts)
+from ridgeline.frontends.batch.records import (
+    Item, error_record, id_digest, record_view, result_record, make_dataset)
+from ridgeline.frontends.batch.journal import (
+    JobLock, ResultWriter, FollowerWriter, agree_on_done, read_json, part_path, summary_path)
+from ridgeline.frontends.batch.merge import merge_parts, rewrite_in_input_order
+from ridgeline.frontends.batch.report import engine_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,34 +87,37 @@ def run_batch(engine, job: BatchJob, load_time_s: float | None = None,
     import jax
     leader = jax.process_index() == 0
   if not leader:
-    return _run_locked(engine, job, load_time_s, leader)
+    return _run_locked(engine, job, load_time_s, None)
   own = lock is None
   lock = lock or JobLock(job.path)
   try:
     if job.overwrite:
-      _remove_outputs(job.path)
+      lock.remove_outputs()
       if job.process_count > 1 and job.process_index == 0:
-        with JobLock(job.output):  # the merged output, under its own lock
-          _remove_outputs(job.output)
-    return _run_locked(engine, job, load_time_s, leader)
+        with JobLock(job.output) as merged:  # the merged output, under its own lock
+          merged.remove_outputs()
+    return _run_locked(engine, job, load_time_s, lock)
   finally:
     if own:
       lock.release()
 
 
-def _run_locked(engine, job: BatchJob, load_time_s: float | None, leader: bool) -> dict:
+def _run_locked(engine, job: BatchJob, load_time_s: float | None,
+                lock: JobLock | None) -> dict:
+  """The job under `lock` (None: a lockstep follower, which writes nothing)."""
   path = job.path
+  leader = lock is not None
   shard = grain.sharding.ShardOptions(job.process_index, job.process_count)
   ds = make_dataset(job.input, job.default_sampling, job.seed, shard)
   previous = None
   if leader:
-    previous = _read_json(summary_path(path))
+    previous = read_json(summary_path(path))
     if os.path.exists(summary_path(path)):
       os.remove(summary_path(path))  # it marks a complete part; this one is not yet
-  writer = ResultWriter(path, fsync=job.fsync) if leader else _FollowerWriter(path)
+  writer = ResultWriter(path, fsync=job.fsync) if leader else FollowerWriter(path)
   try:
     if job.lockstep:
-      _agree_on_done(writer)
+      agree_on_done(writer)
     stats = _feed(engine, dataclasses.replace(job, progress=job.progress and leader), ds,
                   writer)
   finally:
@@ -123,7 +125,7 @@ def _run_locked(engine, job: BatchJob, load_time_s: float | None, leader: bool) 
   if not leader:
     return {"output": path, "complete": True, "writer": False, **writer.tally.as_dict(),
             "run": stats}
-  _rewrite_in_input_order([path], path)
+  rewrite_in_input_order([path], path, lock)
   summary = {"input": job.input, "output": path,
              "process_index": job.process_index, "process_count": job.process_count,
              "complete": True, **writer.tally.as_dict(), "run": stats}
@@ -136,7 +138,7 @@ def _run_locked(engine, job: BatchJob, load_time_s: float | None, leader: bool) 
     summary["run"] = dict(previous["run"], skipped=stats["skipped"], rerun_noop=True)
     if "engine" in previous:
       summary["engine"] = previous["engine"]
-  _write_json(summary_path(path), summary)
+  lock.write_json(summary_path(path), summary)
   if job.process_count > 1 and job.auto_merge:
     parts = [part_path(job.output, i, job.process_count) for i in range(job.process_count)]
     if all(os.path.exists(summary_path(p)) for p in parts):
@@ -158,7 +160,7 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
   metrics = engine.metrics
   batches0 = metrics.sample_count("decode_batch_size")
   loads0 = metrics.sample_count("kv_cache_utilization")
-  counts0 = _engine_counts(engine)
+  counts0 = engine_counts(engine)
   tokens0 = metrics.registry.get_sample_value("ridgeline_generation_tokens_total") or 0.0
   token_text = oaf.TokenText(getattr(engine, "tokenizer", None))
   model_name = getattr(getattr(engine, "model_config", None), "name", None) or "ridgeline"
@@ -170,7 +172,7 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
     writer.append(records)
     for r in records:
       tally["completed"] += 1
-      view = _record_view(r)
+      view = record_view(r)
       tally["prompt_tokens"] += view.get("prompt_tokens", 0)
       tally["output_tokens"] += view.get("completion_tokens", 0)
     pbar.update(len(records))
@@ -183,14 +185,14 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       elif item.key is not None:
         seen[item.key] = item.line
       if item.line in writer.done:
-        if writer.done[item.line] != _id_digest(item.id):
+        if writer.done[item.line] != id_digest(item.id):
           raise RuntimeError(
               f"{writer.path} has a record for line {item.line} with another id than "
               f"the input's {item.id!r}: the output belongs to a different input file")
         tally["skipped"] += 1
         continue
       if item.error is not None:
-        finish([_error_record(item, item.error)])
+        finish([error_record(item, item.error)])
         continue
       rid = str(item.line)
       live[rid] = item
@@ -209,12 +211,12 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
             f"{engine.scheduler.last_decode_batch}, kv {engine.kv_utilization():.0%}",
             refresh=True)
       # One result (finished, or refused by the engine's checks) per request.
-      finish([_result_record(live.pop(out.request_id), out, job.token_ids, token_text,
-                             model_name)])
+      finish([result_record(live.pop(out.request_id), out, job.token_ids, token_text,
+                            model_name)])
   finally:
     pbar.close()
   wall = time.perf_counter() - t0
-  counts = _engine_counts(engine)
+  counts = engine_counts(engine)
   counts.subtract(counts0)
   batches = metrics.samples("decode_batch_size", batches0)
   loads = metrics.samples("kv_cache_utilization", loads0)
@@ -233,6 +235,3 @@ def _feed(engine, job: BatchJob, ds: grain.MapDataset, writer: ResultWriter) -> 
       "preemptions": int(counts["preemptions"]),
       "engine_counts": {k: int(v) for k, v in sorted(counts.items())},
   }
-
-
-# The engine's counters the run reports, as (summary name, prometheus sample).

@@ -1,29 +1,44 @@
-"""The exactly-once journal: the job's lock, the output file appended to in whole
-records (torn tails truncated on restart), the rewrite in input order, and the
-merge of a multi-process job's parts.
+"""The exactly-once journal: one lock and two kinds of commit, for every writer of
+an output.
+
+Three writers need an output written exactly once: the batch job's `ResultWriter`
+(records appended as they finish), the merge of a multi-process job's parts
+(frontends/batch/merge.py) and the fleet's block journal (frontends/batch/blocks.py,
+blocks committed whole). Each takes a `Journal`, the one place that holds an
+output's lock and knows how a write becomes durable:
+
+- the lock: an flock on a file that is never replaced or deleted (the output itself
+  is replaced atomically when it is rewritten in input order, so a lock on it would
+  not survive that, except for an append-only file such as ResultWriter's), taken
+  before anything is deleted or written, held to the last write; the kernel drops it
+  when the process dies. With the lock held, temporaries of commits killed before
+  their rename are removed: nobody else can be writing them.
+- `replace(path)`: a file written beside `path`, fsynced and renamed over it, then
+  its directory fsynced: there whole, or not at all.
+- `append(fd, data)`: one write and one fsync at the end of an append-only file; a
+  write that fails is truncated away, and a tail torn by a kill is cut by the
+  reader on its next open (`ResultWriter` does, keeping every complete record).
+
+Also here: what an output's records add up to (`Tally`), and reading them back.
 """
 
 from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import fcntl
 import glob
 import json
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ridgeline import util
-
-from ridgeline.frontends.batch.report import _percentiles  # noqa: F401
-from ridgeline.frontends.batch.records import (  # noqa: F401
-    _dumps, _id_digest, _openai_error_record, _parse_record, _record_view)
-
-
-_write_json = util.write_json_atomic
+from ridgeline.frontends.batch.records import (
+    encode_record, id_digest, parse_record, record_view)
 
 
 def part_path(output: str, index: int, count: int) -> str:
@@ -32,6 +47,113 @@ def part_path(output: str, index: int, count: int) -> str:
 
 def summary_path(output: str) -> str:
   return output + ".summary.json"
+
+
+class LockedError(RuntimeError):
+  """Another job holds the output: this one must not write it."""
+
+
+class Journal:
+  """The exclusive right to write one output, and the commits made under it (the
+  module's docstring tells how each is whole or absent).
+
+  lock_path: the file locked (created if absent). busy: what a second writer is
+  told (`busy_message` may add who holds it). blocking: wait for the lock instead
+  of failing at once. stale: glob patterns of temporaries to remove once locked.
+  """
+
+  records_holder = False  # write this process's pid into the lock file
+
+  def __init__(self, lock_path: str, busy: str, *, blocking: bool = False,
+               stale: Sequence[str] = ()):
+    self.lock_path = lock_path
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      holder = (os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+                if self.records_holder else "")
+      os.close(self._fd)
+      self._fd = None
+      raise LockedError(self.busy_message(busy, holder)) from None
+    if self.records_holder:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+    for pattern in stale:
+      for path in glob.glob(pattern):
+        os.remove(path)
+
+  def busy_message(self, busy: str, holder: str) -> str:
+    del holder
+    return busy
+
+  @contextlib.contextmanager
+  def replace(self, path: str, mode: str = "wb", fsync: bool = True) -> Iterator:
+    """A file to write `path` through, committed when the block ends."""
+    with util.atomic_write(path, mode, fsync=fsync) as f:
+      yield f
+    if fsync:  # the rename, durable too
+      fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+  def write_json(self, path: str, obj) -> None:
+    with self.replace(path, "w") as f:
+      f.write(json.dumps(obj, indent=2, default=util.json_default) + "\n")
+
+  @staticmethod
+  def append(fd: int, data: bytes, fsync: bool = True) -> None:
+    """Appends `data` with one write and one fsync: all of it, or (after a crash) a
+    tail that the next open truncates."""
+    start = os.fstat(fd).st_size
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+      if fsync:
+        os.fsync(fd)
+    except BaseException:
+      os.ftruncate(fd, start)  # never leave a torn line in the middle
+      raise
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  close = release
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+class JobLock(Journal):
+  """The exclusive right to write one output (and its summary, parts and merge):
+  the journal on `OUTPUT.lock`, which names the process holding it."""
+
+  records_holder = True
+
+  def __init__(self, output: str, blocking: bool = False):
+    self.output = output
+    super().__init__(output + ".lock", f"another job is writing {output}", blocking=blocking)
+    self.path = self.lock_path
+
+  def busy_message(self, busy: str, holder: str) -> str:
+    return (f"{busy} (lock {self.lock_path} held" + (f" by pid {holder}" if holder else "")
+            + "); wait for it to finish or stop it (overwriting does not override the lock)")
+
+  def remove_outputs(self) -> None:
+    """Overwriting: the output, its summary and stale temporaries."""
+    path = self.output
+    for f in [path, summary_path(path), *glob.glob(glob.escape(path) + ".tmp-*")]:
+      if os.path.exists(f):
+        os.remove(f)
 
 
 class Tally:
@@ -45,7 +167,7 @@ class Tally:
     self.latency = {k: array.array("d") for k in ("queue_s", "ttft_s", "tpot_s", "e2e_s")}
 
   def add(self, record: dict) -> None:
-    record = _record_view(record)
+    record = record_view(record)
     self.requests += 1
     self.finish_reasons[record.get("finish_reason")] += 1
     if record.get("finish_reason") == "error":
@@ -67,7 +189,7 @@ class Tally:
            "output_tokens": self.output_tokens,
            "finish_reasons": dict(sorted((str(k), v) for k, v in self.finish_reasons.items()))}
     for k, values in self.latency.items():
-      out[k] = _percentiles(values)
+      out[k] = util.percentiles(values)
     if self.scored_lines:
       # The file's perplexity, once every line's prompt was scored: exp of the
       # negative mean log-probability over all scored tokens.
@@ -78,7 +200,7 @@ class Tally:
     return out
 
 
-def _iter_lines(path: str) -> Iterable[tuple[int, bytes]]:
+def iter_lines(path: str) -> Iterable[tuple[int, bytes]]:
   """(offset, line) for each line of a file, the last one possibly unterminated."""
   offset = 0
   with open(path, "rb") as f:
@@ -87,87 +209,36 @@ def _iter_lines(path: str) -> Iterable[tuple[int, bytes]]:
       offset += len(raw)
 
 
-class LockedError(RuntimeError):
-  """Another job holds the output: this one must not write it."""
-
-
-class JobLock:
-  """The exclusive right to write one output (and its summary, parts and merge).
-
-  An flock on `OUTPUT.lock`, a file that is never replaced or deleted (the output
-  itself is replaced atomically when it is rewritten in input order, so a lock on
-  it would not survive that). Taken before anything is deleted or written, held
-  until the job's last write; the kernel drops it when the process dies.
-  """
-
-  def __init__(self, output: str, blocking: bool = False):
-    self.path = output + ".lock"
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-      holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
-      os.close(self._fd)
-      self._fd = None
-      raise LockedError(f"another job is writing {output} (lock {self.path} held"
-                        + (f" by pid {holder}" if holder else "") + "); wait for it to "
-                        "finish or stop it (overwriting does not override the lock)") from None
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
-
-
-def _remove_outputs(path: str) -> None:
-  """Overwriting: the output, its summary and stale temporaries (lock held)."""
-  for f in [path, summary_path(path), *glob.glob(glob.escape(path) + ".tmp-*")]:
-    if os.path.exists(f):
-      os.remove(f)
-
-
 class ResultWriter:
   """Append-only JSONL output that survives being killed at any instant.
 
-  Holds an exclusive lock on the file (a second job on the same output fails
-  fast). On open, keeps the longest prefix of complete, parseable records and
-  truncates the rest; `done` maps each kept record's line number to its id's digest.
+  Holds an exclusive lock on the file (its Journal's: a second job on the same
+  output fails fast). On open, keeps the longest prefix of complete, parseable
+  records and truncates the rest; `done` maps each kept record's line number to
+  its id's digest.
   """
 
   def __init__(self, path: str, fsync: bool = True):
     self.path = path
     self.fsync = fsync
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(self._fd)
-      raise LockedError(f"another job is writing {path}") from None
+    # The lock is on the output itself: it is only appended to while held (the
+    # rewrite in input order comes after `close`, under the job's JobLock).
+    self.journal = Journal(path, f"another job is writing {path}",
+                           stale=[glob.escape(path) + ".tmp-*"])
+    self._fd = os.open(path, os.O_RDWR | os.O_APPEND)
     self.done: dict[int, int] = {}
     self.tally = Tally()
     self.truncated_bytes = 0
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
-      os.remove(stale)  # from a rewrite killed before its rename; we hold the lock
     self._recover()
 
   def _recover(self) -> None:
     size = os.fstat(self._fd).st_size
     good = 0
-    for offset, raw in _iter_lines(self.path):
-      record = _parse_record(raw)
+    for offset, raw in iter_lines(self.path):
+      record = parse_record(raw)
       if record is None or record["line"] in self.done:
         break
-      self.done[record["line"]] = _id_digest(_record_view(record).get("id"))
+      self.done[record["line"]] = id_digest(record_view(record).get("id"))
       self.tally.add(record)
       good = offset + len(raw)
     if good < size:
@@ -176,32 +247,22 @@ class ResultWriter:
       self.truncated_bytes = size - good
 
   def append(self, records: Sequence[dict]) -> None:
-    """Writes records with one write and one fsync; all or (after a crash) a tail
-    that the next open truncates."""
+    """Writes records with one write and one fsync (Journal.append)."""
     if not records:
       return
-    data = b"".join(_dumps(r) for r in records)
-    start = os.fstat(self._fd).st_size
-    try:
-      view = memoryview(data)
-      while view:
-        view = view[os.write(self._fd, view):]
-      if self.fsync:
-        os.fsync(self._fd)
-    except BaseException:
-      os.ftruncate(self._fd, start)  # never leave a torn line in the middle
-      raise
+    self.journal.append(self._fd, b"".join(encode_record(r) for r in records), self.fsync)
     for r in records:
-      self.done[r["line"]] = _id_digest(_record_view(r).get("id"))
+      self.done[r["line"]] = id_digest(record_view(r).get("id"))
       self.tally.add(r)
 
   def close(self) -> None:
     if self._fd is not None:
-      os.close(self._fd)  # releases the lock
+      os.close(self._fd)
       self._fd = None
+    self.journal.release()
 
 
-class _FollowerWriter:
+class FollowerWriter:
   """What a non-writing process of a lockstep job keeps: the same `done` and tally
   as process 0's ResultWriter, and no file."""
 
@@ -213,14 +274,14 @@ class _FollowerWriter:
 
   def append(self, records: Sequence[dict]) -> None:
     for r in records:
-      self.done[r["line"]] = _id_digest(_record_view(r).get("id"))
+      self.done[r["line"]] = id_digest(record_view(r).get("id"))
       self.tally.add(r)
 
   def close(self) -> None:
     pass
 
 
-def _agree_on_done(writer) -> None:
+def agree_on_done(writer) -> None:
   """Lockstep: every process takes process 0's view of what is already written,
   so all of them skip the same lines and submit the same requests."""
   from jax.experimental import multihost_utils
@@ -235,106 +296,11 @@ def _agree_on_done(writer) -> None:
 
 def read_records(path: str) -> list[dict]:
   """Every complete record of an output file, in file order."""
-  return [r for r in (_parse_record(raw) for _, raw in _iter_lines(path)) if r is not None]
+  return [r for r in (parse_record(raw) for _, raw in iter_lines(path)) if r is not None]
 
 
-def _rewrite_in_input_order(sources: Sequence[str], dest: str) -> Tally:
-  """Writes the records of `sources` to `dest` in input-line order, atomically.
-
-  An id seen on an earlier line turns a later record into a duplicate-id error
-  (a single process already does this for its own shard; parts need it across
-  shards). Does nothing when `dest` is the only source and already in order.
-  """
-  index = []  # (line, source, offset, length), in file order
-  slim = {}  # line -> what the summary and the id check need
-  for s, path in enumerate(sources):
-    for offset, raw in _iter_lines(path):
-      record = _parse_record(raw)
-      if record is None:
-        raise ValueError(f"{path}: unreadable record at byte {offset}; rerun the job "
-                         "for that part to repair it")
-      if record["line"] in slim:
-        continue
-      view = _record_view(record)
-      slim[record["line"]] = {k: view.get(k) for k in (
-          "id", "finish_reason", "prompt_tokens", "completion_tokens", "metrics", "openai")}
-      index.append((record["line"], s, offset, len(raw)))
-  in_order = sorted(index)
-  seen: dict[str, int] = {}
-  fixes = {}
-  tally = Tally()
-  for line, *_ in in_order:
-    record = slim[line]
-    if record["id"] is not None:
-      key = str(record["id"])
-      if key in seen:
-        message = f"line {line}: duplicate id {record['id']!r} (first on line {seen[key]})"
-        fixes[line] = (_openai_error_record(line, None, message, "duplicate_custom_id")
-                       if record.get("openai") else
-                       {"id": None, "line": line, "finish_reason": "error", "error": message})
-        record = {"id": None, "line": line, "finish_reason": "error"}
-      else:
-        seen[key] = line
-    tally.add(record)
-  if list(sources) == [dest] and in_order == index and not fixes:
-    return tally
-  fds = [os.open(p, os.O_RDONLY) for p in sources]
-  try:
-    with util.atomic_write(dest, "wb") as out:
-      for line, s, offset, length in in_order:
-        out.write(_dumps(fixes[line]) if line in fixes else os.pread(fds[s], length, offset))
-  finally:
-    for fd in fds:
-      os.close(fd)
-  return tally
-
-
-def merge_parts(output: str, process_count: int) -> dict:
-  """Merges the complete parts of a multi-process job into `output`, in input
-  order, with a summary beside it; returns that summary. Safe to repeat, and
-  safe if two processes merge at once (the output is replaced atomically)."""
-  parts = [part_path(output, i, process_count) for i in range(process_count)]
-  missing = [p for p in parts if not os.path.exists(summary_path(p))]
-  if missing:
-    raise FileNotFoundError(f"parts not complete (no summary beside them): {missing}")
-  with JobLock(output, blocking=True):
-    return _merge_locked(output, process_count, parts)
-
-
-def _merge_locked(output: str, process_count: int, parts: list[str]) -> dict:
-  part_summaries = [_read_json(summary_path(p)) or {} for p in parts]
-  tally = _rewrite_in_input_order(parts, output)
-  runs = [s.get("run", {}) for s in part_summaries]
-  wall = max((r.get("wall_time_s", 0) for r in runs), default=0)
-  out_tokens = sum(r.get("output_tokens", 0) for r in runs)
-  summary = {"input": part_summaries[0].get("input"), "output": output,
-             "process_count": process_count, "complete": True, **tally.as_dict(),
-             "run": {"requests": sum(r.get("requests", 0) for r in runs),
-                     "skipped": sum(r.get("skipped", 0) for r in runs),
-                     "wall_time_s": wall, "output_tokens": out_tokens,
-                     "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in runs),
-                     "output_tokens_per_s": out_tokens / wall if wall else 0.0,
-                     "preemptions": sum(r.get("preemptions", 0) for r in runs),
-                     "decode_batch_mean": float(np.mean(
-                         [r.get("decode_batch_mean", 0) for r in runs])),
-                     "decode_batch_max": max(r.get("decode_batch_max", 0) for r in runs),
-                     "kv_utilization_mean": float(np.mean(
-                         [r.get("kv_utilization_mean", 0) for r in runs])),
-                     "kv_utilization_max": max(r.get("kv_utilization_max", 0) for r in runs)},
-             "parts": part_summaries}
-  caches = [(s.get("engine") or {}).get("prefix_cache") for s in part_summaries]
-  if all(caches):
-    queried = sum(c.get("queried_tokens", 0) for c in caches)
-    hits = sum(c.get("hit_tokens", 0) for c in caches)
-    summary["engine"] = {"prefix_cache": {
-        "queried_tokens": queried, "hit_tokens": hits,
-        "hit_rate": hits / queried if queried else 0.0,
-        "evictions": sum(c.get("evictions", 0) for c in caches)}}
-  _write_json(summary_path(output), summary)
-  return summary
-
-
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+  """A JSON file (a summary, a manifest), or None when absent or unreadable."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -342,3 +308,5 @@ def _read_json(path: str) -> dict | None:
     return None
 
 
+# The old name, for frontends/batch_api.py (another change's to edit).
+_read_json = read_json

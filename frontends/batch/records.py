@@ -85,7 +85,7 @@ class Item:
     return None if self.id is None else str(self.id)
 
 
-def _id_digest(rid) -> int:
+def id_digest(rid) -> int:
   """A small stand-in for an id, checked when resuming; 31 bits, so it survives
   a broadcast as int32 (JAX's default integer)."""
   if rid is None:
@@ -221,7 +221,9 @@ def make_dataset(path: str | os.PathLike, default_sampling: dict | None = None,
   return ds.map(lambda x: parse_line(x[0], x[1], default_sampling, seed))
 
 
-def _parse_record(raw: bytes) -> dict | None:
+def parse_record(raw: bytes) -> dict | None:
+  """A complete output record (a dict with its input line), or None for a torn or
+  foreign line."""
   if not raw.endswith(b"\n"):
     return None
   try:
@@ -233,14 +235,15 @@ def _parse_record(raw: bytes) -> dict | None:
   return record
 
 
-def _dumps(record: dict) -> bytes:
+def encode_record(record: dict) -> bytes:
+  """One output line: the record as JSON and its newline."""
   return json.dumps(record, ensure_ascii=False).encode("utf-8", "replace") + b"\n"
 
 
-def _error_record(item: Item, error: str, code: str | None = None) -> dict:
+def error_record(item: Item, error: str, code: str | None = None) -> dict:
   if item.api is not None:
-    return _openai_error_record(item.line, item.id, error, code or item.error_code
-                                or "invalid_request")
+    return openai_error_record(item.line, item.id, error, code or item.error_code
+                               or "invalid_request")
   return {"id": item.id, "line": item.line, "finish_reason": "error", "error": error}
 
 
@@ -256,7 +259,7 @@ def _openai_ids(line: int, custom_id) -> tuple[str, str]:
   return f"batch_req_{h}", f"req_{h}"
 
 
-def _openai_error_record(line: int, custom_id, message: str, code: str) -> dict:
+def openai_error_record(line: int, custom_id, message: str, code: str) -> dict:
   batch_id, _ = _openai_ids(line, custom_id)
   return {"id": batch_id, "custom_id": custom_id, "response": None,
           "error": {"code": code, "message": message}, "line": line}
@@ -276,7 +279,7 @@ def _openai_result_record(item: Item, out, token_text, model_name: str) -> dict:
                       "tpot_s": _round(m.tpot), "e2e_s": _round(m.e2e)}}
 
 
-def _record_view(record: dict) -> dict:
+def record_view(record: dict) -> dict:
   """What resuming, merging and the summary read from a record, whichever format:
   id (the input's id / custom_id), line, finish_reason, token counts, metrics."""
   if "custom_id" not in record:
@@ -316,13 +319,13 @@ def _completion(c, with_token_ids: bool) -> dict:
   return out
 
 
-def _result_record(item: Item, out, with_token_ids: bool, token_text=None,
-                   model_name: str = "ridgeline") -> dict:
+def result_record(item: Item, out, with_token_ids: bool, token_text=None,
+                  model_name: str = "ridgeline") -> dict:
   if out.error is not None or out.finish_reason == "error":
     code = None
     if item.api is not None:
       code = oaf.engine_error(out.error or "", item.api).code or "invalid_request"
-    return _error_record(item, f"line {item.line}: {out.error}", code)
+    return error_record(item, f"line {item.line}: {out.error}", code)
   if item.api is not None:
     return _openai_result_record(item, out, token_text or oaf.TokenText(None), model_name)
   first = _completion(out.outputs[0], with_token_ids)
@@ -349,3 +352,8 @@ def _result_record(item: Item, out, with_token_ids: bool, token_text=None,
   record["metrics"] = {"queue_s": _round(m.queue_time), "ttft_s": _round(m.ttft),
                        "tpot_s": _round(m.tpot), "e2e_s": _round(m.e2e)}
   return record
+
+
+# The old names, for frontends/batch_api.py (another change's to edit; it will
+# take the public ones above).
+_error_record, _result_record, _dumps = error_record, result_record, encode_record

@@ -12,10 +12,6 @@ from ridgeline import util
 _PERCENTILES = util.PERCENTILES
 
 
-def _percentiles(values) -> dict | None:
-  return util.percentiles(values)
-
-
 _COUNTERS = (("preemptions", "ridgeline_preemptions_total"),
              ("prefix_cache_evictions", "ridgeline_prefix_cache_evictions_total"),
              ("prefix_cache_hit_tokens", "ridgeline_prefix_cache_hits_tokens_total"),
@@ -23,7 +19,7 @@ _COUNTERS = (("preemptions", "ridgeline_preemptions_total"),
              ("generation_tokens", "ridgeline_generation_tokens_total"))
 
 
-def _engine_counts(engine) -> collections.Counter:
+def engine_counts(engine) -> collections.Counter:
   """The engine's counters now (its metrics registry: the one source of truth)."""
   registry = engine.metrics.registry
   return collections.Counter({k: registry.get_sample_value(name) or 0.0
