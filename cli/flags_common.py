@@ -71,6 +71,21 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 FLAGS = flags.FLAGS
 
 
+def define_http_flags(module_name: str, max_pending_help: str) -> None:
+  """The HTTP flags of the two server commands (serve, serve_fleet), registered as
+  the calling command's own, so its --help lists them there."""
+  kw = {"module_name": module_name}
+  flags.DEFINE_string("host", "127.0.0.1", "Address to bind. Without --api_key keep it local.",
+                      **kw)
+  flags.DEFINE_integer("port", 8000, "Port to listen on.", **kw)
+  flags.DEFINE_string("api_key", None, "If set, /v1/* require 'Authorization: Bearer KEY'.",
+                      **kw)
+  flags.DEFINE_string("served_model_name", None, "Model name in /v1/models and requests "
+                      "(default: the model config's name).", **kw)
+  flags.DEFINE_integer("max_pending", None, max_pending_help, **kw)
+  flags.DEFINE_integer("retry_after", 1, "Retry-After seconds sent with 429.", **kw)
+
+
 def compilation_cache_dir() -> str | None:
   """The --compilation_cache_dir to use (None: off)."""
   value = FLAGS.compilation_cache_dir

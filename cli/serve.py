@@ -13,14 +13,8 @@ from absl import flags, logging
 
 from ridgeline.cli import _app, flags_common
 
-flags.DEFINE_string("host", "127.0.0.1", "Address to bind. Without --api_key keep it local.")
-flags.DEFINE_integer("port", 8000, "Port to listen on.")
-flags.DEFINE_string("api_key", None, "If set, /v1/* require 'Authorization: Bearer KEY'.")
-flags.DEFINE_string("served_model_name", None, "Model name in /v1/models and requests "
-                    "(default: the model config's name).")
-flags.DEFINE_integer("max_pending", None, "Most requests in flight before HTTP 429 "
-                     "(default: the engine's waiting-queue bound).")
-flags.DEFINE_integer("retry_after", 1, "Retry-After seconds sent with 429.")
+flags_common.define_http_flags(__name__, "Most requests in flight before HTTP 429 "
+                               "(default: the engine's waiting-queue bound).")
 flags.DEFINE_string("batch_dir", None, "Enables OpenAI's Batch API (/v1/files, /v1/batches): "
                     "uploaded files, batches and their journals live here; a server started "
                     "again over the same directory resumes its batches.")

@@ -21,14 +21,9 @@ from absl import flags, logging
 
 from ridgeline.cli import _app, flags_common
 
-flags.DEFINE_string("host", "127.0.0.1", "Address to bind. Without --api_key keep it local.")
-flags.DEFINE_integer("port", 8000, "Port to listen on.")
-flags.DEFINE_string("api_key", None, "If set, /v1/* require 'Authorization: Bearer KEY'.")
-flags.DEFINE_string("served_model_name", None, "Model name in /v1/models and requests.")
+flags_common.define_http_flags(__name__, "Requests in flight per replica before it counts "
+                               "as full (default: the engine's waiting-queue bound).")
 flags.DEFINE_integer("replicas", 2, "Server replicas (engines).")
-flags.DEFINE_integer("max_pending", None, "Requests in flight per replica before it counts "
-                     "as full (default: the engine's waiting-queue bound).")
-flags.DEFINE_integer("retry_after", 1, "Retry-After seconds sent with 429.")
 flags.DEFINE_string("ray_address", None, "Join this Ray cluster; default: a local Ray.")
 flags.DEFINE_integer("ray_num_cpus", None, "CPUs of the local Ray instance (default: all).")
 flags.DEFINE_float("replica_cpus", 1, "CPUs each replica reserves.")
