@@ -6,7 +6,7 @@ matches a regex, one of a few strings (`choice`), or anything a context-free
 grammar (Lark or GBNF) derives. The engine cannot make the model want that
 shape; it can only forbid, before each sample, every token that would leave it.
 So each step the host fills, for each constrained sequence, one row of the
-sampler's allowed-token bitmask (`SamplerInputs.allowed` in engine/sampling.py:
+sampler's allowed-token bitmask (`SamplerInputs.allowed` in engine/sampler_inputs.py:
 bit t % 32 of word t // 32 set when token t may be sampled), and after the step
 tells the sequence's matcher which token was sampled.
 
