@@ -132,7 +132,7 @@ class EngineConfig:
   def prefill_token_buckets(self) -> tuple[int, ...]:
     """Prefill tokens of a step: multiples of the tile, factors of 4 apart."""
     tile = self.prefill_tile
-    top = -(-self.prefill_chunk // tile) * tile
+    top = ceil_div(self.prefill_chunk, tile) * tile
     return geometric_buckets(top, min(2 * tile, top), 4)
 
   @property

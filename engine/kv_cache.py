@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ridgeline.util import ceil_div
+
 
 class OutOfPages(RuntimeError):
   """Raised when an allocation cannot be satisfied."""
@@ -139,10 +141,6 @@ class PageAllocator:
     self._refs[page] += 1
 
 
-def pages_for(num_tokens: int, page_size: int) -> int:
-  return -(-num_tokens // page_size)
-
-
 class KVCacheManager:
   """The host side of the cache: the block table of every slot of the live batch
   (engine/live_batch.py), the prefix cache, eviction and copy-on-write forks.
@@ -196,7 +194,7 @@ class KVCacheManager:
     return self.tables[slot, :self.num_pages[slot]]
 
   def pages_needed(self, slot: int, num_tokens: int) -> int:
-    return max(0, pages_for(num_tokens, self.page_size) - int(self.num_pages[slot]))
+    return max(0, ceil_div(num_tokens, self.page_size) - int(self.num_pages[slot]))
 
   def allocate(self, slot: int, num_tokens: int) -> bool:
     """Gives the slot pages for its first `num_tokens` tokens; False (nothing

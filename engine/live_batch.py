@@ -26,7 +26,7 @@ Counts (per slot):
   computed   tokens whose K/V a dispatched step computes
   limit      most output tokens (max_tokens, already within the model length)
 so a sequence has n_prompt + n_out + inflight tokens, and
-  pending = n_prompt + n_out + inflight - computed
+  uncomputed = n_prompt + n_out + inflight - computed
 is 1 for a sequence that decodes next, more for one that prefills (a new prompt or
 a recomputation after preemption).
 """
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ridgeline.engine import sampling
+from ridgeline.engine.sampler_inputs import SamplingTable
 from ridgeline.engine.kv_cache import KVCacheManager
 
 _COUNTS = ("n_prompt", "n_out", "inflight", "computed", "limit", "min_tokens", "last_row",
@@ -72,7 +72,7 @@ class LiveBatch:
     self.constrained = np.zeros(0, bool)  # has a grammar (structured outputs)
     self.tokens = np.zeros((0, max_model_len), np.int32)
     self.stop_ids = np.full((0, 1), -1, np.int32)
-    self.sampling = sampling.SamplingTable(1, vocab_size)
+    self.sampling = SamplingTable(1, vocab_size)
     self.grow(capacity)
 
   def grow(self, capacity: int) -> None:
@@ -137,6 +137,11 @@ class LiveBatch:
   def num_tokens(self, slots: np.ndarray) -> np.ndarray:
     """Tokens of each sequence, the ones in flight included."""
     return self.n_prompt[slots] + self.n_out[slots] + self.inflight[slots]
+
+  def uncomputed(self, slots: np.ndarray) -> np.ndarray:
+    """Tokens of each sequence whose K/V no dispatched step computes: 1 for one
+    that decodes next, more for one that prefills."""
+    return self.num_tokens(slots) - self.computed[slots]
 
   def running_slots(self) -> np.ndarray:
     """Slots holding pages, by priority (the lowest value first), then oldest first."""

@@ -1,6 +1,6 @@
 """What a completion shows its caller: tokens, text, stops, deltas and timings.
 
-One `Completion` per sequence turns sampled tokens into text: incrementally for
+One `CompletionState` per sequence turns sampled tokens into text: incrementally for
 the sequences that stream or have stop strings (found also across token
 boundaries), once at the end for the others; it hands out deltas that never
 show text a stop string may still claim. The timing formulas (TTFT,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from ridgeline.engine.sampling import SamplingParams
+from ridgeline.engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -43,9 +43,10 @@ class StepResult:
 
 
 @dataclasses.dataclass(eq=False)
-class Completion:
-  """The output side of one sequence that Python holds: text, the finish, the
-  log-probabilities asked for, and what deltas have handed out. The tokens
+class CompletionState:
+  """The output side of one sequence that Python holds while it runs (mutable;
+  a caller gets a snapshot of it, `CompletionOutput` in engine/engine.py): text,
+  the finish, the log-probabilities asked for, and what deltas have handed out. The tokens
   themselves live in the live batch (engine/live_batch.py) while the sequence
   runs; EOS, stop ids and max_tokens are found there with array operations.
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from ridgeline.configs import models
-from ridgeline.engine import sampling
+from ridgeline.engine import sampler_inputs
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from ridgeline.model import transformer as transformer_lib
 
@@ -39,11 +39,11 @@ def test_every_step_variant_lowers_for_cuda(kv_dtype):
   vocab = model.config.vocab_size
   params = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.2,
                           allowed_token_ids=[4, 5, 6], seed=1)
-  history = sampling.History(np.arange(5000, dtype=np.int32) % vocab,
+  history = sampler_inputs.History(np.arange(5000, dtype=np.int32) % vocab,
                              np.arange(3, dtype=np.int32), inflight_row=0)
-  row = sampling.SampleRow(params, 1, 3, banned=list(range(12)), history=history)
+  row = sampler_inputs.SampleRow(params, 1, 3, banned=list(range(12)), history=history)
   shape = shapes[-1]
-  sampler = sampling.inputs_for([row], runner.sample_rows(shape), vocab)
-  assert sampler.history_rows.shape[0] > sampling.HISTORY_TOKENS
-  assert sampler.banned.shape[1] > sampling.BAN_WIDTH and sampler.allowed is not None
+  sampler = sampler_inputs.inputs_for([row], runner.sample_rows(shape), vocab)
+  assert sampler.history_rows.shape[0] > sampler_inputs.HISTORY_TOKENS
+  assert sampler.banned.shape[1] > sampler_inputs.BAN_WIDTH and sampler.allowed is not None
   assert runner.export(shape, sampler=sampler)[1].platforms == ("cuda",)

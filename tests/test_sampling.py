@@ -7,6 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from ridgeline.engine import sampler_inputs
 from ridgeline.engine import sampling
 
 
@@ -59,20 +60,20 @@ def test_sampled_tokens_stay_inside_the_truncated_set():
   logits = jnp.asarray(rng.standard_normal((1, vocab)) * 3, jnp.float32).repeat(rows, 0)
   cases = [sampling.SamplingParams(temperature=1.0, top_k=5, seed=i) for i in range(8)] + [
       sampling.SamplingParams(temperature=1.0, top_p=0.3, seed=i) for i in range(8)]
-  inputs = sampling.inputs_for([sampling.SampleRow(p, p.seed) for p in cases], rows, vocab)
+  inputs = sampler_inputs.inputs_for([sampler_inputs.SampleRow(p, p.seed) for p in cases], rows, vocab)
   tokens = np.asarray(jax.jit(sampling.sample)(logits, inputs).tokens)
   row = np.asarray(logits[0], np.float64)
   top5 = _reference_keep(row, 1.0, 5, 1.0, 0.0)
   nucleus = _reference_keep(row, 1.0, 0, 0.3, 0.0)
   assert all(top5[t] for t in tokens[:8]) and all(nucleus[t] for t in tokens[8:])
   # Seeded: the same seeds give the same tokens alone and in a larger batch.
-  again = sampling.inputs_for([sampling.SampleRow(p, p.seed) for p in cases[:3]], 4, vocab)
+  again = sampler_inputs.inputs_for([sampler_inputs.SampleRow(p, p.seed) for p in cases[:3]], 4, vocab)
   alone = np.asarray(jax.jit(sampling.sample)(logits[:4], again).tokens)
   assert list(alone[:3]) == list(tokens[:3])
   # A few truncating rows among untruncated ones (they are truncated on their own).
   few = [sampling.SamplingParams(temperature=1.0, top_k=5, seed=i) for i in range(3)] + [
       sampling.SamplingParams(temperature=1.0, seed=100 + i) for i in range(13)]
-  inputs = sampling.inputs_for([sampling.SampleRow(p, p.seed) for p in few], rows, vocab)
+  inputs = sampler_inputs.inputs_for([sampler_inputs.SampleRow(p, p.seed) for p in few], rows, vocab)
   mixed = np.asarray(jax.jit(sampling.sample)(logits, inputs).tokens)
   assert list(mixed[:3]) == list(tokens[:3])  # as in the batch where every row truncated
   assert not all(top5[t] for t in mixed[3:])  # the others draw from the whole vocabulary
@@ -85,7 +86,7 @@ def test_draws_follow_the_distribution():
   logits[5:] = -np.inf
   rows = 4000
   params = [sampling.SamplingParams(temperature=1.0, seed=i) for i in range(rows)]
-  inputs = sampling.inputs_for([sampling.SampleRow(p, p.seed) for p in params], rows, 32)
+  inputs = sampler_inputs.inputs_for([sampler_inputs.SampleRow(p, p.seed) for p in params], rows, 32)
   tokens = np.asarray(jax.jit(sampling.sample)(jnp.asarray(logits)[None].repeat(rows, 0),
                                                inputs).tokens)
   freq = np.bincount(tokens, minlength=32) / rows
@@ -96,7 +97,7 @@ def test_draws_follow_the_distribution():
 def test_allowed_tokens_hold_for_a_vocabulary_of_one_mask_word():
   vocab = 32  # the whole mask is one uint32 word per row
   logits = jnp.asarray(np.arange(vocab, dtype=np.float32))[None].repeat(2, 0)
-  rows = [sampling.SampleRow(sampling.SamplingParams(temperature=0, allowed_token_ids=[3, 5])),
-          sampling.SampleRow(sampling.SamplingParams(temperature=0))]
-  tokens = np.asarray(jax.jit(sampling.sample)(logits, sampling.inputs_for(rows, 2, vocab)).tokens)
+  rows = [sampler_inputs.SampleRow(sampling.SamplingParams(temperature=0, allowed_token_ids=[3, 5])),
+          sampler_inputs.SampleRow(sampling.SamplingParams(temperature=0))]
+  tokens = np.asarray(jax.jit(sampling.sample)(logits, sampler_inputs.inputs_for(rows, 2, vocab)).tokens)
   assert list(tokens) == [5, vocab - 1]
