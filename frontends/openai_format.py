@@ -405,6 +405,21 @@ def engine_error(message: str, kind: str) -> OpenAIError:
   return _sampling_error(ValueError(message), {})
 
 
+def driver_error(failed, kind: str) -> OpenAIError:
+  """An engine request that failed in the driver (engine/driver.py's `Failed`), as
+  OpenAI's API reports it: a full queue is a 429, a refusal a 400 naming its field,
+  a shutdown a 503, anything else a 500."""
+  from ridgeline.engine import driver  # here: it imports the engine (and JAX)
+  if failed.cause == driver.CAPACITY:
+    return OpenAIError(failed.message, status=429, type="rate_limit_error",
+                       code="rate_limit_exceeded")
+  if failed.cause == driver.INVALID:
+    return engine_error(failed.message, kind)
+  if failed.cause == driver.STOPPED:
+    return OpenAIError("server shutting down", status=503, type="server_error")
+  return OpenAIError(failed.message, status=500, type="server_error")
+
+
 # Responses ----------------------------------------------------------------------
 
 

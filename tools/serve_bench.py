@@ -38,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -73,6 +73,25 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float = 600.0, alive: Callable[[], None] | None = None,
+                 poll_s: float = 0.25) -> None:
+  """Polls `url`/health until it answers 200. `alive()` raises when the server
+  is gone (its process exited, its thread ended), so that nobody waits for a
+  server that will not come; TimeoutError after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    if alive is not None:
+      alive()
+    try:
+      if httpx.get(url + "/health", timeout=5).status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"the server was not ready after {timeout_s} s")
+    time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def start_server(command: Sequence[str], port: int | None = None, timeout_s: float = 600.0,
                  log_path: str | None = None, env: dict | None = None) -> Iterator[str]:
@@ -83,20 +102,14 @@ def start_server(command: Sequence[str], port: int | None = None, timeout_s: flo
   proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
   url = f"http://127.0.0.1:{port}"
+
+  def alive() -> None:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited with status {proc.returncode} before it was "
+                         f"ready (log: {log_path or 'not kept'})")
+
   try:
-    deadline = time.monotonic() + timeout_s
-    while True:
-      if proc.poll() is not None:
-        raise RuntimeError(f"the server exited with status {proc.returncode} before it was "
-                           f"ready (log: {log_path or 'not kept'})")
-      try:
-        if httpx.get(url + "/health", timeout=5).status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"the server was not ready after {timeout_s} s")
-      time.sleep(0.25)
+    wait_healthy(url, timeout_s, alive)
     yield url
   finally:
     proc.terminate()
