@@ -64,6 +64,8 @@ CAPACITY, INVALID, INTERNAL, STEP, STOPPED = "capacity", "invalid", "internal", 
 
 @dataclasses.dataclass(frozen=True)
 class Accepted:
+  """The engine queued the request; `prompt_tokens`: its prompt's length."""
+
   request_id: str
   prompt_tokens: int
 
@@ -83,12 +85,17 @@ class Delta:
 
 @dataclasses.dataclass(frozen=True)
 class Done:
+  """The request ended: its final output (the engine has released it)."""
+
   request_id: str
   output: RequestOutput
 
 
 @dataclasses.dataclass(frozen=True)
 class Failed:
+  """The request did not run, or stopped: nothing follows (see the module for the
+  causes)."""
+
   request_id: str
   cause: str  # CAPACITY, INVALID, INTERNAL, STEP or STOPPED
   message: str

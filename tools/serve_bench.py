@@ -43,7 +43,8 @@ from typing import Callable, Iterator, Sequence
 import httpx
 import numpy as np
 
-_PCTS = (50, 90, 99)
+from ridgeline.util import percentiles
+
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
 
@@ -163,15 +164,6 @@ async def _one(client: httpx.AsyncClient, body: dict, sent: float, timeout_s: fl
   return r
 
 
-def _pcts(values) -> dict | None:
-  if not len(values):
-    return None
-  a = np.asarray(values, np.float64)
-  out = {f"p{p}": float(np.percentile(a, p)) for p in _PCTS}
-  out["mean"] = float(a.mean())
-  return out
-
-
 async def _run_rate(cfg: ServeBenchConfig, model: str, rate: float, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   prompts = rng.integers(1, cfg.vocab_limit, size=(cfg.num_requests, cfg.input_len)).tolist()
@@ -208,7 +200,7 @@ async def _run_rate(cfg: ServeBenchConfig, model: str, rate: float, seed: int) -
                     for r in results),
       "duration_s": wall, "request_throughput": len(ok) / wall if wall else 0.0,
       "output_tokens": out_tokens, "output_tok_s": out_tokens / wall if wall else 0.0,
-      "ttft_s": _pcts(ttft), "tpot_s": _pcts(tpot), "itl_s": _pcts(itl),
+      "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
       "errors": sorted({r.error for r in results if r.error})[:3],
   }
 
