@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ridgeline.frontends import batch_api
 from ridgeline.frontends import openai_format as oaf
+from ridgeline.frontends import tokenizer_api
 from ridgeline.frontends.completions import Completions
 
 __all__ = ["create_app"]
@@ -153,15 +154,15 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
 
   @app.post("/tokenize")
   async def tokenize(request: Request):
-    return oaf.tokenize(_tokenizer(), await _json(request), engine.config.max_model_len)
+    return tokenizer_api.tokenize(_tokenizer(), await _json(request), engine.config.max_model_len)
 
   @app.post("/detokenize")
   async def detokenize(request: Request):
-    return oaf.detokenize(_tokenizer(), await _json(request))
+    return tokenizer_api.detokenize(_tokenizer(), await _json(request))
 
   @app.get("/tokenizer_info")
   async def tokenizer_info():
-    return oaf.tokenizer_info(_tokenizer(), engine.config.max_model_len)
+    return tokenizer_api.tokenizer_info(_tokenizer(), engine.config.max_model_len)
 
   @app.get("/v1/models")
   async def models():

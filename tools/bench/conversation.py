@@ -48,7 +48,8 @@ def run_conversation(b: Bench) -> None:
   messages = b.prompts(users * turns, message, seed=1001)
   orders = [rng.permutation(users) for _ in range(turns)]
   params = SamplingParams(temperature=0, max_tokens=answer, ignore_eos=True)
-  config = dataclasses.replace(base, num_pages=pages, max_model_len=ceil_div(final + 8, page) * page)
+  config = dataclasses.replace(base, num_pages=pages,
+                               max_model_len=ceil_div(final + 8, page) * page)
   rows, results, outputs = [], {}, {}
   print(f"\nConversations: {users} users x {turns} turns ({first} + {answer} per answer + "
         f"{message} per message tokens; final {final}), a device pool of {pages} pages "
