@@ -77,7 +77,8 @@ def _engine(model, tokenizer, batch: int, prompt: int, output: int, stub_tokens=
   # Prefill fast enough that all `batch` requests decode together before the
   # first ones finish (2,048 prompt tokens, up to 64 prompts a step).
   config = EngineConfig(page_size=page, max_batch=batch,
-                        max_model_len=ceil_div(length, page) * page, num_pages=batch * (ceil_div(length, page) + 1) + 8,
+                        max_model_len=ceil_div(length, page) * page,
+                        num_pages=batch * (ceil_div(length, page) + 1) + 8,
                         prefill_chunk=2048, max_prefill_batch=64)
   eng = Engine(model, tokenizer, config)
   if stub_tokens is not None:
