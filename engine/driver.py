@@ -54,7 +54,7 @@ from ridgeline.engine.engine import CapacityError, RequestOutput
 from ridgeline.engine.outputs import StepResult, StreamOutput
 from ridgeline.engine.sampling import SamplingParams
 
-__all__ = ["Driver", "Submission", "Accepted", "Delta", "Done", "Failed", "CAPACITY",
+__all__ = ["Driver", "Submission", "Event", "Accepted", "Delta", "Done", "Failed", "CAPACITY",
            "INVALID", "INTERNAL", "STEP", "STOPPED"]
 
 log = logging.getLogger("ridgeline.driver")
@@ -63,45 +63,45 @@ CAPACITY, INVALID, INTERNAL, STEP, STOPPED = "capacity", "invalid", "internal", 
 
 
 @dataclasses.dataclass(frozen=True)
-class Accepted:
-  """The engine queued the request; `prompt_tokens`: its prompt's length."""
+class Event:
+  """What the driver tells a submission's `on_event`, about request `request_id`."""
 
   request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted(Event):
+  """The engine queued the request; `prompt_tokens`: its prompt's length."""
+
   prompt_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
-class Delta:
+class Delta(Event):
   """New tokens of one completion (`output.index`). `logprobs`: theirs, when the
   submission asked (`logprobs=True`); `prompt`: (prompt token ids, prompt
   log-probabilities or None) on each completion's first delta, when the
   submission asked (`with_prompt=True`)."""
 
-  request_id: str
   output: StreamOutput
   logprobs: list | None = None
   prompt: tuple[list[int], list | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class Done:
+class Done(Event):
   """The request ended: its final output (the engine has released it)."""
 
-  request_id: str
   output: RequestOutput
 
 
 @dataclasses.dataclass(frozen=True)
-class Failed:
+class Failed(Event):
   """The request did not run, or stopped: nothing follows (see the module for the
   causes)."""
 
-  request_id: str
   cause: str  # CAPACITY, INVALID, INTERNAL, STEP or STOPPED
   message: str
-
-
-Event = Accepted | Delta | Done | Failed
 
 
 @dataclasses.dataclass(eq=False)

@@ -37,10 +37,10 @@ def run_throughput(b: Bench) -> None:
     warm_s = time.perf_counter() - t0
     # Fresh prompts every repetition (no prefix-cache hits), drawn before timing.
     batches = [new_prompts() for _ in range(o.repeats)]
-    pending = iter(batches)
+    fresh = iter(batches)
 
     def generate_all():
-      outs = eng.generate(next(pending), params)
+      outs = eng.generate(next(fresh), params)
       assert [len(x.token_ids) for x in outs] == [n for _, n in lengths], "short output"
 
     before = step_seconds(eng)
