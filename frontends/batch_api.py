@@ -46,7 +46,6 @@ finished lines kept likewise).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import uuid
 
@@ -56,6 +55,7 @@ from fastapi.responses import FileResponse
 from ridgeline.frontends import openai_format as oaf
 from ridgeline.frontends.batch_runner import BATCH_PRIORITY, BatchRunner
 from ridgeline.frontends.batch_store import ENDPOINTS, BatchStore, FileStore, check_upload
+from ridgeline.frontends.completions import json_body
 
 __all__ = ["add_routes", "BatchRunner", "BatchStore", "FileStore", "check_upload",
            "BATCH_PRIORITY", "ENDPOINTS"]
@@ -119,11 +119,7 @@ def add_routes(app: FastAPI, batches: BatchRunner | None, engine) -> None:
 
   @app.post("/v1/batches")
   async def create_batch(request: Request):
-    try:
-      body = json.loads(await request.body())
-    except ValueError as e:
-      raise oaf.OpenAIError(f"malformed JSON body: {e}") from None
-    return public(runner().batches.create(body))
+    return public(runner().batches.create(await json_body(request)))
 
   @app.get("/v1/batches")
   async def list_batches(limit: int = 20, after: str | None = None):

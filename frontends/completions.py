@@ -52,6 +52,14 @@ class _PromptOnly:
   prompt_logprobs: list | None
 
 
+async def json_body(request: Request) -> Any:
+  """A request's JSON body; one that does not parse is a 400."""
+  try:
+    return json.loads(await request.body())
+  except ValueError as e:
+    raise oaf.OpenAIError(f"malformed JSON body: {e}") from None
+
+
 class _EngineStream(StreamingResponse):
   """A streaming response that runs `on_close` however it ends (finished, client
   gone, or cancelled before the first chunk)."""
@@ -97,10 +105,7 @@ class Completions:
     self.live_gauge.set(self.live_requests)
 
   async def complete(self, kind: str, request: Request) -> Any:
-    try:
-      body = json.loads(await request.body())
-    except ValueError as e:
-      raise oaf.OpenAIError(f"malformed JSON body: {e}", None) from None
+    body = await json_body(request)
     parsed = oaf.parse_request(
         kind, body, oaf.CHAT_DEFAULTS if kind == "chat" else oaf.COMPLETION_DEFAULTS)
     if parsed.model is not None and parsed.model != self.model_name:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 
 import prometheus_client as prom
@@ -47,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ridgeline.frontends import batch_api
 from ridgeline.frontends import openai_format as oaf
 from ridgeline.frontends import tokenizer_api
-from ridgeline.frontends.completions import Completions
+from ridgeline.frontends.completions import Completions, json_body
 
 __all__ = ["create_app"]
 
@@ -146,19 +145,14 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
                             status=404, code="no_tokenizer")
     return engine.tokenizer
 
-  async def _json(request: Request):
-    try:
-      return json.loads(await request.body())
-    except ValueError as e:
-      raise oaf.OpenAIError(f"malformed JSON body: {e}") from None
-
   @app.post("/tokenize")
   async def tokenize(request: Request):
-    return tokenizer_api.tokenize(_tokenizer(), await _json(request), engine.config.max_model_len)
+    return tokenizer_api.tokenize(_tokenizer(), await json_body(request),
+                                  engine.config.max_model_len)
 
   @app.post("/detokenize")
   async def detokenize(request: Request):
-    return tokenizer_api.detokenize(_tokenizer(), await _json(request))
+    return tokenizer_api.detokenize(_tokenizer(), await json_body(request))
 
   @app.get("/tokenizer_info")
   async def tokenizer_info():
