@@ -1,14 +1,18 @@
-"""A live server for tests: uvicorn in a thread on a free 127.0.0.1 port."""
+"""Live servers for tests: uvicorn in a thread on a free 127.0.0.1 port, and the
+readiness wait that tests starting a server process use too (one copy each, the
+serving benchmark's: tools/serve_bench.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
-import time
 
-import httpx
 import uvicorn
+
+from ridgeline.tools.serve_bench import free_port, wait_healthy
+
+__all__ = ["serve_in_thread", "free_port", "wait_healthy"]
 
 
 @contextlib.contextmanager
@@ -24,16 +28,12 @@ def serve_in_thread(app, timeout_s: float = 120.0):
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      if httpx.get(url + "/health", timeout=5).status_code == 200:
-        break
-    except httpx.TransportError:
-      pass
-    assert time.monotonic() < deadline and thread.is_alive(), "server did not become ready"
-    time.sleep(0.1)
+
+  def alive() -> None:
+    assert thread.is_alive(), "server did not become ready"
+
   try:
+    wait_healthy(url, timeout_s, alive, poll_s=0.1)
     yield url
   finally:
     server.should_exit = True

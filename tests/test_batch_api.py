@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from ridgeline.frontends.server import create_app
 from ridgeline.model import transformer as transformer_lib
 from ridgeline.model.tokenizer import Tokenizer
-from tests.serving import serve_in_thread
+from tests.serving import free_port, serve_in_thread, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test"
@@ -221,16 +220,10 @@ def test_the_api_key_guards_the_batch_endpoints(served):
   assert "No such batch" in e.value.body["message"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_sigkill_mid_batch_then_restart_runs_every_line_exactly_once(tmp_path):
   """A server process (tiny random model, token-id prompts) killed with SIGKILL
   while a batch runs; the same command again resumes it from the journal."""
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   command = [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--model", "tiny",
@@ -245,15 +238,12 @@ def test_sigkill_mid_batch_then_restart_runs_every_line_exactly_once(tmp_path):
   def start():
     proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while True:
-      try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-          return proc
-      except httpx.TransportError:
-        pass
-      assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-      time.sleep(0.2)
+
+    def alive() -> None:
+      assert proc.poll() is None, "server did not start"
+
+    wait_healthy(url, 180, alive, poll_s=0.2)
+    return proc
 
   n = 64
   lines = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/completions",

@@ -68,9 +68,10 @@ def _wait_idle(served, timeout_s=30.0):
   and every KV page is free again."""
   alloc = served.engine.scheduler.allocator
   deadline = time.monotonic() + timeout_s
-  while (served.server.pending or served.engine.has_unfinished()
+  while (served.server.live_requests or served.engine.has_unfinished()
          or alloc.num_free != alloc.num_pages):
-    assert time.monotonic() < deadline, (served.server.pending, served.engine.has_unfinished(),
+    assert time.monotonic() < deadline, (served.server.live_requests,
+                                         served.engine.has_unfinished(),
                                          alloc.num_free, alloc.num_pages)
     time.sleep(0.02)
 
@@ -177,7 +178,7 @@ def test_64_concurrent_streaming_clients(served, reference):
   prompts = [f"Request {i}: a few words about the number {i * 7}" for i in range(64)]
   expected = [o.text for o in reference.generate(
       prompts, SamplingParams(temperature=0, max_tokens=8))]
-  steps_before = served.server.loop.steps
+  steps_before = served.server.driver.steps
 
   async def one(client, prompt):
     text = ""
@@ -196,7 +197,7 @@ def test_64_concurrent_streaming_clients(served, reference):
   got = asyncio.run(main())
   assert got == expected
   # They shared steps: far fewer steps than 64 requests run one after another.
-  steps = served.server.loop.steps - steps_before
+  steps = served.server.driver.steps - steps_before
   assert steps < 64 * 9 // 4, steps
   assert served.engine.metrics.snapshot()["decode_batch_size"]["max"] > 1
   _wait_idle(served)
@@ -204,7 +205,7 @@ def test_64_concurrent_streaming_clients(served, reference):
 
 def test_clients_that_disconnect_mid_stream_free_their_pages(served):
   alloc = served.engine.scheduler.allocator
-  steps_before = served.server.loop.steps
+  steps_before = served.server.driver.steps
   body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 100, "temperature": 0,
           "ignore_eos": True, "stream": True}
 
@@ -225,7 +226,7 @@ def test_clients_that_disconnect_mid_stream_free_their_pages(served):
   _wait_idle(served)
   assert alloc.num_free == alloc.num_pages and not served.engine.has_unfinished()
   # Aborted, not run out: 8 requests of 100 tokens each would take 100 decode steps.
-  assert served.server.loop.steps - steps_before < 60
+  assert served.server.driver.steps - steps_before < 60
 
 
 def test_past_the_bound_429_and_the_others_keep_being_served(served):
@@ -257,7 +258,7 @@ def test_past_the_bound_429_and_the_others_keep_being_served(served):
           kind = ("/v1/completions", {"prompt": "x", "max_tokens": 2}) if k % 2 else (
               "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
           r = await client.post(kind[0], json=kind[1])
-          if server.pending < 3:
+          if server.live_requests < 3:
             break
           refused.append((r.status_code, r.headers.get("retry-after"), r.json()["error"]["code"],
                           time.perf_counter() - t0))

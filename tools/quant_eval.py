@@ -15,7 +15,6 @@ Used by tests/test_quant.py (small sizes) and scripts/quant_bench.py (the full
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -109,14 +108,6 @@ def perplexity(model, token_ids: Sequence[int], window: int = 256, batch: int = 
     for lp in token_logprobs(model, windows[i:i + batch]):
       nll.append(-lp)
   return float(np.exp(np.mean(np.concatenate(nll))))
-
-
-@dataclasses.dataclass
-class Accuracy:
-  mode: str
-  agreement: float
-  logprob_gap: float
-  max_logit_error: float  # max |logits - float logits| / max |float logits|, first prompts
 
 
 def max_logit_error(reference_model, model, prompts_ids: Sequence[Sequence[int]]) -> float:

@@ -38,12 +38,13 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import numpy as np
 
-_PCTS = (50, 90, 99)
+from ridgeline.util import percentiles
+
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
 
@@ -73,6 +74,25 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float = 600.0, alive: Callable[[], None] | None = None,
+                 poll_s: float = 0.25) -> None:
+  """Polls `url`/health until it answers 200. `alive()` raises when the server
+  is gone (its process exited, its thread ended), so that nobody waits for a
+  server that will not come; TimeoutError after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    if alive is not None:
+      alive()
+    try:
+      if httpx.get(url + "/health", timeout=5).status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"the server was not ready after {timeout_s} s")
+    time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def start_server(command: Sequence[str], port: int | None = None, timeout_s: float = 600.0,
                  log_path: str | None = None, env: dict | None = None) -> Iterator[str]:
@@ -83,20 +103,14 @@ def start_server(command: Sequence[str], port: int | None = None, timeout_s: flo
   proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
   url = f"http://127.0.0.1:{port}"
+
+  def alive() -> None:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited with status {proc.returncode} before it was "
+                         f"ready (log: {log_path or 'not kept'})")
+
   try:
-    deadline = time.monotonic() + timeout_s
-    while True:
-      if proc.poll() is not None:
-        raise RuntimeError(f"the server exited with status {proc.returncode} before it was "
-                           f"ready (log: {log_path or 'not kept'})")
-      try:
-        if httpx.get(url + "/health", timeout=5).status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"the server was not ready after {timeout_s} s")
-      time.sleep(0.25)
+    wait_healthy(url, timeout_s, alive)
     yield url
   finally:
     proc.terminate()
@@ -150,15 +164,6 @@ async def _one(client: httpx.AsyncClient, body: dict, sent: float, timeout_s: fl
   return r
 
 
-def _pcts(values) -> dict | None:
-  if not len(values):
-    return None
-  a = np.asarray(values, np.float64)
-  out = {f"p{p}": float(np.percentile(a, p)) for p in _PCTS}
-  out["mean"] = float(a.mean())
-  return out
-
-
 async def _run_rate(cfg: ServeBenchConfig, model: str, rate: float, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   prompts = rng.integers(1, cfg.vocab_limit, size=(cfg.num_requests, cfg.input_len)).tolist()
@@ -195,7 +200,7 @@ async def _run_rate(cfg: ServeBenchConfig, model: str, rate: float, seed: int) -
                     for r in results),
       "duration_s": wall, "request_throughput": len(ok) / wall if wall else 0.0,
       "output_tokens": out_tokens, "output_tok_s": out_tokens / wall if wall else 0.0,
-      "ttft_s": _pcts(ttft), "tpot_s": _pcts(tpot), "itl_s": _pcts(itl),
+      "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
       "errors": sorted({r.error for r in results if r.error})[:3],
   }
 

@@ -1,5 +1,5 @@
 """What every benchmark mode shares: its options, the engine under test, random
-prompts, summaries of timings, and the one call into the runner's step."""
+prompts, summaries of timings, tables."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import socket
 from typing import Sequence
 
 import numpy as np
+
+from ridgeline.util import ceil_div
 
 SHAREGPT_FILE = str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
                     / "sharegpt_lengths.json")
@@ -91,10 +93,6 @@ class Needs:
                                               dataclasses.astuple(other))))
 
 
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 # Timing -------------------------------------------------------------------------------
 
 
@@ -110,18 +108,6 @@ def summarize(times: Sequence[float]) -> dict:
   med = float(np.median(t))
   return {"median": med, "min": float(t.min()), "max": float(t.max()),
           "spread": float((t.max() - t.min()) / med) if med > 0 else 0.0, "n": len(t)}
-
-
-def percentiles(values: Sequence[float]) -> dict:
-  v = np.asarray(values, np.float64)
-  return {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)),
-          "p90": float(np.percentile(v, 90)), "p99": float(np.percentile(v, 99))}
-
-
-def run_rows(runner, rows):
-  """One jitted step of the runner over `rows` (engine.runner.Row): its sampled
-  tokens, as a device array. Every benchmark step goes through here."""
-  return runner.run_rows(rows)
 
 
 # Text ------------------------------------------------------------------------------------
@@ -232,7 +218,7 @@ def build(model, tokenizer, config, needs: Needs, options: Options, *,
                     model.config.max_position_embeddings),
                 needs.max_len)
   config = dataclasses.replace(
-      config, max_model_len=cdiv(max_len, config.page_size) * config.page_size,
+      config, max_model_len=ceil_div(max_len, config.page_size) * config.page_size,
       # At least the rows a mode needs; else the device's own default (None).
       max_batch=(max(config.max_batch or 0, needs.max_batch)
                  if config.max_batch or needs.max_batch > 1 else None),

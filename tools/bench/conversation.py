@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from ridgeline.tools.bench.common import Bench, cdiv, table
-from ridgeline.util import percentiles
+from ridgeline.tools.bench.common import Bench, table
+from ridgeline.util import ceil_div, percentiles
 
 POLICIES = (("off", None), ("price", "price"), ("copy", "copy"), ("recompute", "recompute"))
 
@@ -41,14 +41,15 @@ def run_conversation(b: Bench) -> None:
   final = first + turns * answer + (turns - 1) * message
   base = b.engine.config
   page = base.page_size
-  pages = max(cdiv(final, page) + 1, int(o.conversation_pool * users * cdiv(final, page)))
-  host_bytes = 4 * users * cdiv(final, page) * b.engine.runner.page_bytes  # room for all
+  pages = max(ceil_div(final, page) + 1, int(o.conversation_pool * users * ceil_div(final, page)))
+  host_bytes = 4 * users * ceil_div(final, page) * b.engine.runner.page_bytes  # room for all
   rng = np.random.default_rng(o.seed)
   openers = b.prompts(users, first, seed=1000)
   messages = b.prompts(users * turns, message, seed=1001)
   orders = [rng.permutation(users) for _ in range(turns)]
   params = SamplingParams(temperature=0, max_tokens=answer, ignore_eos=True)
-  config = dataclasses.replace(base, num_pages=pages, max_model_len=cdiv(final + 8, page) * page)
+  config = dataclasses.replace(base, num_pages=pages,
+                               max_model_len=ceil_div(final + 8, page) * page)
   rows, results, outputs = [], {}, {}
   print(f"\nConversations: {users} users x {turns} turns ({first} + {answer} per answer + "
         f"{message} per message tokens; final {final}), a device pool of {pages} pages "

@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from ridgeline.tools.bench.common import Bench, cdiv, table
+from ridgeline.tools.bench.common import Bench, table
+from ridgeline.util import ceil_div
 
 ALICE = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "alice.txt"
 
@@ -75,8 +76,9 @@ def _engine(model, tokenizer, batch: int, prompt: int, output: int, stub_tokens=
   page = 16
   # Prefill fast enough that all `batch` requests decode together before the
   # first ones finish (2,048 prompt tokens, up to 64 prompts a step).
-  config = EngineConfig(page_size=page, max_batch=batch, max_model_len=cdiv(length, page) * page,
-                        num_pages=batch * (cdiv(length, page) + 1) + 8,
+  config = EngineConfig(page_size=page, max_batch=batch,
+                        max_model_len=ceil_div(length, page) * page,
+                        num_pages=batch * (ceil_div(length, page) + 1) + 8,
                         prefill_chunk=2048, max_prefill_batch=64)
   eng = Engine(model, tokenizer, config)
   if stub_tokens is not None:

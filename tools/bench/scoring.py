@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 
-from ridgeline.tools.bench.common import Bench, Needs, cdiv, summarize, table
+from ridgeline.tools.bench.common import Bench, Needs, summarize, table
+from ridgeline.util import ceil_div
 
 
 def _needs(o, config, peer: bool) -> Needs:
   n, length = o.scoring_prompts
-  return Needs(max_len=length + 2, pages=n * cdiv(length + 2, config.page_size),
+  return Needs(max_len=length + 2, pages=n * ceil_div(length + 2, config.page_size),
                prefill_tokens=config.prefill_chunk)
 
 

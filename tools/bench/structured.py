@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import time
 
-from ridgeline.tools.bench.common import Bench, Needs, cdiv, summarize, table
+from ridgeline.tools.bench.common import Bench, Needs, summarize, table
+from ridgeline.util import ceil_div
 
 
 def _obj(props: dict, required=None) -> dict:
@@ -107,7 +108,7 @@ LONG = {"type": "array", "minItems": 64, "items": _obj(
 def _needs(o, config, peer: bool) -> Needs:
   length = 1024 + max(o.structured_tokens, o.structured_max_tokens)
   return Needs(max_batch=o.structured_batch, max_len=length,
-               pages=o.structured_batch * cdiv(length, config.page_size),
+               pages=o.structured_batch * ceil_div(length, config.page_size),
                prefill_batch=8, prefill_tokens=config.prefill_chunk)
 
 
