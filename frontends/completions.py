@@ -95,11 +95,6 @@ class Completions:
     self.live_gauge = prom.Gauge("ridgeline_server_pending_requests",
                                  "Engine requests the server has in flight", registry=r)
 
-  @property
-  def loop(self) -> driver_lib.Driver:
-    """The driver under its old name (EngineLoop's), which frontends/fleet reads."""
-    return self.driver
-
   def _count(self, k: int) -> None:
     self.live_requests += k
     self.live_gauge.set(self.live_requests)

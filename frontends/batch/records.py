@@ -319,13 +319,18 @@ def _completion(c, with_token_ids: bool) -> dict:
   return out
 
 
+def refused_record(item: Item, error: str | None) -> dict:
+  """The record of a line the engine refused or failed (`error`: its message)."""
+  code = None
+  if item.api is not None:
+    code = oaf.engine_error(error or "", item.api).code or "invalid_request"
+  return error_record(item, f"line {item.line}: {error}", code)
+
+
 def result_record(item: Item, out, with_token_ids: bool, token_text=None,
                   model_name: str = "ridgeline") -> dict:
   if out.error is not None or out.finish_reason == "error":
-    code = None
-    if item.api is not None:
-      code = oaf.engine_error(out.error or "", item.api).code or "invalid_request"
-    return error_record(item, f"line {item.line}: {out.error}", code)
+    return refused_record(item, out.error)
   if item.api is not None:
     return _openai_result_record(item, out, token_text or oaf.TokenText(None), model_name)
   first = _completion(out.outputs[0], with_token_ids)

@@ -65,7 +65,7 @@ class ServerReplica:
     e = self.engine
     return {"pid": os.getpid(), "max_batch": e.config.max_batch,
             "max_pending": self.max_pending, "kv_utilization": e.kv_utilization(),
-            "ready": self.app.state.server.loop.ready.is_set()}
+            "ready": self.app.state.server.driver.ready.is_set()}
 
   async def metrics_text(self) -> str:
     chunks = [p async for p in self.handle("GET", "/metrics", b"", [], b"")]
