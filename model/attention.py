@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ridgeline.util import ceil_div
 from ridgeline.model import kv_quant
 from ridgeline.model import layers
 
@@ -437,7 +438,7 @@ def _attend_pallas_gpu(q, k_pages, v_pages, block_tables, kv_lens, *, interpret:
   pages_per_compute_block = _largest_power_of_two_divisor(pages_per_partition,
                                                           pages_per_compute_block)
   block_h = 16  # the kernel's smallest query tile (tensor-core dot)
-  padded_groups = -(-groups // block_h) * block_h
+  padded_groups = ceil_div(groups, block_h) * block_h
   head_splits = padded_groups // block_h
 
   scale = head_dim ** -0.5 if scale is None else scale

@@ -85,6 +85,8 @@ import qwix
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ridgeline.util import ceil_div
+
 MODES = ("int8", "int4", "fp8")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
 # Per-layer [in, out] projections that get quantized.
@@ -404,17 +406,9 @@ def tree_shardings(params: Any, shardings: Any) -> Any:
 # Bytes ----------------------------------------------------------------------------
 
 
-def weight_bytes(config) -> int:
-  """Bytes of every stored weight of `config` (int4: half a byte an element)."""
-  return sum(_nbytes(shape, dtype) for shape, dtype in stored_layout(config).values())
-
-
-def _nbytes(shape, dtype) -> int:
+def nbytes(shape, dtype) -> int:
+  """Bytes of a stored tensor (int4: half a byte an element, rounded up)."""
   bits = jnp.dtype(dtype).itemsize * 8
   if jnp.dtype(dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
     bits = 4
-  return -(-math.prod(shape) * bits // 8)
-
-
-def nbytes(shape, dtype) -> int:
-  return _nbytes(shape, dtype)
+  return ceil_div(math.prod(shape) * bits, 8)

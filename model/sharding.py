@@ -95,7 +95,6 @@ class ShardingRules:
   is used only when the vocabulary does not divide the axis.
   """
 
-  batch: str | None = DATA
   q_heads: str | None = MODEL
   kv_heads: str | None = MODEL
   mlp: str | None = MODEL
@@ -217,10 +216,6 @@ class Plan:
   def kv_spec(self) -> P:
     return self.spec(KV_AXES)
 
-  def batch_spec(self, ndim: int) -> P:
-    """[B, ...] step inputs and outputs: rows over `data`, the rest replicated."""
-    return P(self.axes.get("batch"), *([None] * (ndim - 1)))
-
   def shards(self, spec: P) -> int:
     """How many distinct pieces an array with `spec` is cut into."""
     sizes = {DATA: self.mesh.data, MODEL: self.mesh.model}
@@ -233,7 +228,7 @@ def plan(config: ModelConfig, mesh: Mesh | MeshShape,
   its mesh axis is replicated, and the reason recorded in `notes`."""
   shape = mesh_shape(mesh)
   sizes = {DATA: shape.data, MODEL: shape.model, None: 1}
-  axes: dict[str, str | None] = {"batch": rules.batch}
+  axes: dict[str, str | None] = {}
   notes: list[str] = []
 
   def assign(logical: str, ok: bool, note: str) -> bool:

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from ridgeline.util import ceil_div
 from ridgeline.model import params as params_lib
 from ridgeline.model import quant
 from ridgeline.model.config import ModelConfig, RopeScaling
@@ -450,7 +451,7 @@ def _fp8_weight(path, ours, hf_name, tensor, scale, block, *, quantized, target)
   elif scale.ndim == 2 and scale.shape == (d_out, 1) or scale.shape == (d_out,):
     scale_t = scale.reshape(1, d_out)
   elif block is not None and scale.ndim == 2:
-    bo = -(-d_out // scale.shape[0])
+    bo = ceil_div(d_out, scale.shape[0])
     if d_in % block or scale.shape[1] != d_in // block:
       raise ValueError(f"Hugging Face model {path}: tensor {hf_name} {list(tensor.shape)} "
                        f"and its block scale {list(scale.shape)} do not fit weight_block_size "
