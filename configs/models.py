@@ -23,18 +23,15 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
         rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
         param_dtype="bfloat16", compute_dtype="bfloat16"),
-    "llama-3.1-8b": ModelConfig(
-        name="llama-3.1-8b", vocab_size=_LLAMA3_VOCAB, hidden_size=4096, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
+    # Llama 3.1: one architecture at two sizes.
+    **{name: ModelConfig(
+        name=name, vocab_size=_LLAMA3_VOCAB, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=8, head_dim=128, intermediate_size=ffn,
         rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
         rms_norm_eps=1e-5, max_position_embeddings=131072,
-        param_dtype="bfloat16", compute_dtype="bfloat16"),
-    "llama-3.1-70b": ModelConfig(
-        name="llama-3.1-70b", vocab_size=_LLAMA3_VOCAB, hidden_size=8192, num_layers=80,
-        num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=28672,
-        rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-        rms_norm_eps=1e-5, max_position_embeddings=131072,
-        param_dtype="bfloat16", compute_dtype="bfloat16"),
+        param_dtype="bfloat16", compute_dtype="bfloat16")
+       for name, hidden, layers, heads, ffn in (("llama-3.1-8b", 4096, 32, 32, 14336),
+                                                ("llama-3.1-70b", 8192, 80, 64, 28672))},
     "qwen2.5-0.5b": ModelConfig(
         name="qwen2.5-0.5b", vocab_size=151936, hidden_size=896, num_layers=24,
         num_heads=14, num_kv_heads=2, head_dim=64, intermediate_size=4864,

@@ -148,10 +148,6 @@ class ModelConfig:
   # Derived quantities -------------------------------------------------------
 
   @property
-  def q_per_kv(self) -> int:
-    return self.num_heads // self.num_kv_heads
-
-  @property
   def dtype(self):
     return jnp.dtype(self.compute_dtype)
 
@@ -249,7 +245,3 @@ class ModelConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_json(cls, s: str) -> "ModelConfig":
-    return cls.from_dict(json.loads(s))

@@ -1,14 +1,13 @@
-"""The device mesh, and where every parameter, cache page and batch row lives on it.
+"""Where every parameter and cache page lives on the (data, model) mesh.
 
-A mesh has two axes:
+The mesh (model/mesh.py) has two axes: `data`, replicas of the model that each
+hold everything and run the whole step (the runner replicates a step's inputs
+and outputs over it), and `model`, tensor parallelism. Only `model` splits
+anything.
 
-  data    replicas of the model; the batch of a step is split over them
-  model   tensor parallelism (Megatron style): each device holds a slice of
-          every large weight and of every KV head
-
-Every array dimension has a *logical* name (`PARAM_AXES`, `KV_AXES`, and
-"batch" for the rows of a step); `ShardingRules` maps logical names to mesh
-axes, and `plan` resolves the rules for one model on one mesh shape:
+Every array dimension has a *logical* name (`PARAM_AXES`, `KV_AXES`);
+`ShardingRules` maps logical names to mesh axes, and `plan` resolves the rules
+for one model on one mesh shape:
 
   q/k/v, gate/up   column-parallel: output features (whole heads) over `model`
   o, down          row-parallel: input features over `model`, so each layer does
@@ -20,7 +19,7 @@ axes, and `plan` resolves the rules for one model on one mesh shape:
   KV pages         by KV head over `model`, like k/v; replicated over `data`
                    (every replica holds the whole pool; the host allocator is
                    not aware of replicas)
-  batch rows       over `data`
+  step rows        replicated: every device sees the whole flat batch
 
 A dimension whose size does not divide its mesh axis is replicated instead, and
 `Plan.notes` says so (the memory report prints them). KV heads fewer than (or
@@ -30,9 +29,10 @@ all share one KV head (model % K == 0), so splitting [H] into [K, G] needs no
 communication; otherwise q and o are replicated too.
 
 `plan` and `memory_report` are arithmetic on shapes and need no devices (size
-Llama-3.1-70B on 8 H100s from a laptop). `make_mesh`, the `*_shardings`
-functions, `place` and `host_to_global` build and fill arrays on a real mesh;
-the runner traces its step under `rules_in_effect`, which lets the model pin an
+Llama-3.1-70B on 8 H100s from a laptop). The `*_shardings` functions build
+shardings on a real mesh (model/mesh.py's `make_mesh`, `place` and
+`host_to_global`, re-exported here, build the mesh and fill arrays on it); the
+runner traces its step under `rules_in_effect`, which lets the model pin an
 array to its logical sharding with `constrain` without knowing about meshes.
 """
 
@@ -41,46 +41,50 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 import threading
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ridgeline.util import ceil_div
+from ridgeline.model import kv_quant
 from ridgeline.model import params as params_lib
+from ridgeline.model import quant
 from ridgeline.model.config import ModelConfig
+# The mesh's names, re-exported: callers build meshes through this module.
+from ridgeline.model.mesh import (
+    DATA, MESH_AXES, MODEL, MeshShape, host_to_global, make_mesh, mesh_shape, place)
 
-DATA, MODEL = "data", "model"
-MESH_AXES = (DATA, MODEL)
+__all__ = ["DATA", "MODEL", "MESH_AXES", "MeshShape", "make_mesh", "mesh_shape", "place",
+           "host_to_global", "PARAM_AXES", "KV_AXES", "ShardingRules", "Plan", "plan",
+           "param_shardings", "state_shardings", "rules_in_effect", "rules_key", "constrain",
+           "MemoryReport", "memory_report"]
 
+_HIDDEN, _KV_HEADS = ("hidden",), ("kv_heads",)
+_EXPERT_IN = ("experts", "hidden", "expert_mlp")
 # Logical axes of each canonical parameter (per-layer names for layer tensors).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "table_width"),
     "lm_head": ("table_width", "vocab"),
-    "final_norm": ("hidden",),
-    "attn_norm": ("hidden",),
-    "mlp_norm": ("hidden",),
+    **dict.fromkeys(("final_norm", "attn_norm", "mlp_norm", "post_attn_norm",
+                     "post_mlp_norm"), _HIDDEN),
     "q": ("hidden", "q_heads"),
     "k": ("hidden", "kv_heads"),
     "v": ("hidden", "kv_heads"),
     "q_bias": ("q_heads",),
-    "k_bias": ("kv_heads",),
-    "v_bias": ("kv_heads",),
+    "k_bias": _KV_HEADS,
+    "v_bias": _KV_HEADS,
     "o": ("q_heads", "hidden"),
     "gate": ("hidden", "mlp"),
     "up": ("hidden", "mlp"),
     "down": ("mlp", "hidden"),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
-    "post_attn_norm": ("hidden",),
-    "post_mlp_norm": ("hidden",),
     "router": ("hidden", "router_experts"),  # small: replicated
-    "experts_gate": ("experts", "hidden", "expert_mlp"),
-    "experts_up": ("experts", "hidden", "expert_mlp"),
+    "experts_gate": _EXPERT_IN,
+    "experts_up": _EXPERT_IN,
     "experts_down": ("experts", "expert_mlp", "hidden"),
 }
 # One K or V page pool: [pages, page_size, kv_heads, head_dim].
@@ -95,7 +99,6 @@ class ShardingRules:
   is used only when the vocabulary does not divide the axis.
   """
 
-  batch: str | None = DATA
   q_heads: str | None = MODEL
   kv_heads: str | None = MODEL
   mlp: str | None = MODEL
@@ -106,94 +109,6 @@ class ShardingRules:
   # experts), like the dense MLP's.
   experts: str | None = MODEL
   expert_mlp: str | None = MODEL
-
-
-# Mesh shapes ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshShape:
-  """Sizes of the (data, model) mesh axes; -1 means "all remaining devices"."""
-
-  data: int = 1
-  model: int = 1
-
-  def __post_init__(self):
-    for axis in MESH_AXES:
-      size = getattr(self, axis)
-      if size == 0 or size < -1:
-        raise ValueError(f"mesh axis {axis} must be >= 1 (or -1), got {size}")
-    if self.data == -1 and self.model == -1:
-      raise ValueError("at most one mesh axis may be -1")
-
-  @classmethod
-  def parse(cls, text: str | None) -> "MeshShape":
-    """"data=2,model=4", "model=8", "2x4" (data x model); "" or None is 1x1."""
-    text = (text or "").strip()
-    if not text:
-      return cls()
-    m = re.fullmatch(r"(-?\d+)\s*[x*]\s*(-?\d+)", text)
-    if m:
-      return cls(int(m[1]), int(m[2]))
-    sizes = {}
-    for part in text.split(","):
-      name, eq, value = part.partition("=")
-      name = name.strip()
-      if not eq or name not in MESH_AXES or name in sizes:
-        raise ValueError(f"bad mesh {text!r}: expected e.g. 'data=2,model=4' with axes "
-                         f"{MESH_AXES}, each at most once")
-      try:
-        sizes[name] = int(value)
-      except ValueError:
-        raise ValueError(f"bad mesh {text!r}: size of {name} is not an integer") from None
-    return cls(**sizes)
-
-  def resolve(self, num_devices: int) -> "MeshShape":
-    """Fills in a -1 axis from the device count."""
-    known = (self.data if self.data != -1 else 1) * (self.model if self.model != -1 else 1)
-    if -1 not in (self.data, self.model):
-      return self
-    if num_devices % known:
-      raise ValueError(f"mesh {self}: {num_devices} devices do not divide by {known}")
-    rest = num_devices // known
-    return MeshShape(rest if self.data == -1 else self.data,
-                     rest if self.model == -1 else self.model)
-
-  @property
-  def size(self) -> int:
-    return self.data * self.model
-
-  def __str__(self) -> str:
-    return f"data={self.data},model={self.model}"
-
-
-def make_mesh(shape: MeshShape | str | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, model) mesh over the first `shape.size` of `devices` (default: all
-  global devices, so every process of a multi-host run builds the same mesh).
-
-  The model axis varies fastest, so with 8 GPUs per host and model <= 8 each
-  tensor-parallel group stays inside one host (NVLink), and data replicas span hosts.
-  """
-  if not isinstance(shape, MeshShape):
-    shape = MeshShape.parse(shape)
-  devices = list(jax.devices() if devices is None else devices)
-  shape = shape.resolve(len(devices))
-  if shape.size > len(devices):
-    raise ValueError(f"mesh {shape} needs {shape.size} devices, {len(devices)} available")
-  if jax.process_count() > 1 and shape.size != jax.device_count():
-    raise ValueError(f"mesh {shape} has {shape.size} devices but the {jax.process_count()} "
-                     f"processes have {jax.device_count()}: a multi-process mesh must use "
-                     "every device, so that each process owns part of it")
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((shape.data, shape.model), MESH_AXES, axis_types=auto,
-                       devices=devices[:shape.size])
-
-
-def mesh_shape(mesh: Mesh | MeshShape) -> MeshShape:
-  if isinstance(mesh, MeshShape):
-    return mesh
-  return MeshShape(mesh.shape[DATA], mesh.shape[MODEL])
 
 
 # The plan: rules resolved for one model on one mesh shape ------------------------------
@@ -217,10 +132,6 @@ class Plan:
   def kv_spec(self) -> P:
     return self.spec(KV_AXES)
 
-  def batch_spec(self, ndim: int) -> P:
-    """[B, ...] step inputs and outputs: rows over `data`, the rest replicated."""
-    return P(self.axes.get("batch"), *([None] * (ndim - 1)))
-
   def shards(self, spec: P) -> int:
     """How many distinct pieces an array with `spec` is cut into."""
     sizes = {DATA: self.mesh.data, MODEL: self.mesh.model}
@@ -233,7 +144,7 @@ def plan(config: ModelConfig, mesh: Mesh | MeshShape,
   its mesh axis is replicated, and the reason recorded in `notes`."""
   shape = mesh_shape(mesh)
   sizes = {DATA: shape.data, MODEL: shape.model, None: 1}
-  axes: dict[str, str | None] = {"batch": rules.batch}
+  axes: dict[str, str | None] = {}
   notes: list[str] = []
 
   def assign(logical: str, ok: bool, note: str) -> bool:
@@ -313,7 +224,6 @@ def state_shardings(state: Any, shardings: params_lib.Params) -> Any:
   """Shardings for an `nnx.split` state of the Transformer, from a canonical tree
   of shardings (`param_shardings`): each parameter by its name ("layers.3.q"),
   anything else (the RoPE table) replicated on the same devices."""
-  from ridgeline.model import quant  # (imports this module)
   flat = params_lib.flatten(shardings)
   first = next(iter(flat.values()))
   rest = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
@@ -367,36 +277,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
     return x
   mesh, p = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, p.spec(logical_axes)))
-
-
-def place(tree: Any, shardings: Any) -> Any:
-  """Puts every array of `tree` into its sharding (no-op where it already is).
-
-  Works across processes: a value every process holds in full (a host array, or
-  a single-device array made the same way on each process) is copied in through
-  the host, each process filling only its own devices' shards.
-  """
-  def one(x, sharding):
-    if isinstance(x, jax.Array) and x.sharding == sharding and x.committed:
-      return x
-    if sharding.is_fully_addressable or (isinstance(x, jax.Array)
-                                         and not x.is_fully_addressable):
-      return jax.device_put(x, sharding)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-  return jax.tree.map(one, tree, shardings)
-
-
-def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array | np.ndarray:
-  """A step input computed identically by every process, as a global array.
-
-  In one process a numpy array goes to `jit` as is (it shards it); across
-  processes jit refuses sharded numpy inputs, so each process builds its shards.
-  """
-  if sharding.is_fully_addressable:
-    return x
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 # Memory report -------------------------------------------------------------------------
@@ -484,7 +364,6 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
   specs = params_lib.flatten(p.param_specs(config))
   # Bytes from the stored dtypes: a quantized projection (model/quant.py) is its
   # int8/int4/fp8 values plus its scales and block minimums (sharded like it).
-  from ridgeline.model import quant
   layout = quant.stored_layout(config)
   total = sum(quant.nbytes(s, d) for s, d in layout.values())
   per_device = 0
@@ -493,7 +372,6 @@ def memory_report(config: ModelConfig, mesh: Mesh | MeshShape | str, *, page_siz
     shards = p.shards(specs[base]) if n == base or n.endswith(".qvalue") else 1
     per_device += quant.nbytes(s, d) // shards
 
-  from ridgeline.model import kv_quant
   kv_name = str(kv_dtype) if kv_quant.qtype(kv_dtype) is not None else jnp.dtype(
       config.dtype if kv_dtype is None else kv_dtype).name
   kv_heads_local = config.num_kv_heads // p.shards(P(p.axes.get("kv_heads")))

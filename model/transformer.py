@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ridgeline.util import ceil_div
 from ridgeline.model import attention
 from ridgeline.model import layers as layers_lib
 from ridgeline.model import kv_quant
@@ -300,7 +301,7 @@ def contiguous_inputs(lengths: Sequence[int], page_size: int) -> dict:
   padding tokens: used by tests and single-shot scoring. Token b * T + t of the
   flat batch is sequence b's token t."""
   batch, max_len = len(lengths), max(lengths)
-  pages_per_seq = -(-max_len // page_size)
+  pages_per_seq = ceil_div(max_len, page_size)
   positions = np.tile(np.arange(max_len, dtype=np.int32), (batch, 1))
   block_tables = (np.arange(batch)[:, None] * pages_per_seq
                   + np.arange(pages_per_seq)[None, :]).astype(np.int32)

@@ -10,6 +10,8 @@ from flax import nnx
 from ridgeline.configs import models
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from ridgeline.model import attention
+from ridgeline.model import paged_attention
+from ridgeline.model import pallas_attention
 from ridgeline.model import transformer as transformer_lib
 
 
@@ -37,26 +39,26 @@ def test_decode_routes_match_reference(batch, kv_heads, groups, head_dim, page_s
   # One block, and several blocks walked by the loop (8-token blocks).
   # One block, several blocks walked by the loop (8-token blocks), and the
   # platform's own choice.
-  for block in (attention.BLOCK_TOKENS, 8, None):
-    got = attention.paged_attention(*args, block_tokens=block)
+  for block in (paged_attention.BLOCK_TOKENS, 8, None):
+    got = paged_attention.paged_attention(*args, block_tokens=block)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  pallas = attention._attend_pallas_gpu(args[0], args[1], args[2], args[3], args[5],
-                                        interpret=True)
+  pallas = pallas_attention.attend_decode(args[0], args[1], args[2], args[3], args[5],
+                                          interpret=True)
   np.testing.assert_allclose(pallas, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_blocks_fit_the_cache_and_other_platforms_keep_the_default():
-  block = attention.block_tokens_for
+  block = paged_attention.block_tokens_for
   # The default model's decode rows (3 KV heads of 64, fp32): a batch of 64
   # gathers 32-token blocks (1.5 MiB of keys), one row the whole 256.
   assert block(64, 3, 64, 4, 16, "cpu") == 32
-  assert block(1, 3, 64, 4, 16, "cpu") == attention.BLOCK_TOKENS
+  assert block(1, 3, 64, 4, 16, "cpu") == paged_attention.BLOCK_TOKENS
   for rows in (1, 3, 17, 64, 512, 4096):
     tokens = block(rows, 8, 128, 2, 16, "cpu")
     pages = tokens // 16
     assert tokens % 16 == 0 and pages & (pages - 1) == 0 and 16 <= tokens <= 256
-    assert tokens == 16 or rows * tokens * 8 * 128 * 2 <= attention.CPU_BLOCK_BYTES
-  assert block(512, 8, 128, 2, 16, "gpu") == attention.BLOCK_TOKENS
+    assert tokens == 16 or rows * tokens * 8 * 128 * 2 <= paged_attention.CPU_BLOCK_BYTES
+  assert block(512, 8, 128, 2, 16, "gpu") == paged_attention.BLOCK_TOKENS
 
 
 def _step_inputs(seed=0, page_size=4, tile=4):

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ridgeline.configs import models
 from ridgeline.model import checkpoint
+from ridgeline.model import checkpoint_digest
 from ridgeline.model import params as params_lib
 from ridgeline.model.checkpoint import CheckpointError
 
@@ -252,13 +253,13 @@ def test_digest_ignores_sharding_and_sees_one_changed_element():
   value = rng.standard_normal((16, 8)).astype(ml_dtypes.bfloat16)
   mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
   sharded = jax.device_put(value, NamedSharding(mesh, P("x", None)))
-  digests = checkpoint._digests({"host": value, "sharded": sharded})
+  digests = checkpoint_digest.digests({"host": value, "sharded": sharded})
   assert digests["host"] == digests["sharded"]
   changed = value.copy()
   changed[3, 5] = -changed[3, 5]
   swapped = value.copy()
   swapped[[0, 1]] = swapped[[1, 0]]
-  others = checkpoint._digests({"changed": changed, "swapped": swapped})
+  others = checkpoint_digest.digests({"changed": changed, "swapped": swapped})
   assert digests["host"] not in others.values()
 
 
@@ -273,14 +274,14 @@ def test_digest_runs_only_single_device_programs(monkeypatch):
             "replicated_over_data": jax.device_put(value, NamedSharding(mesh, P(None, "model"))),
             "replicated": jax.device_put(value, NamedSharding(mesh, P()))}
   launched = []
-  real = checkpoint._digest_jit
+  real = checkpoint_digest._digest_jit
 
   def spy(piece, offsets, strides):
     launched.append(piece.sharding.device_set)
     return real(piece, offsets, strides)
 
-  monkeypatch.setattr(checkpoint, "_digest_jit", spy)
-  digests = checkpoint._digests(arrays)
+  monkeypatch.setattr(checkpoint_digest, "_digest_jit", spy)
+  digests = checkpoint_digest.digests(arrays)
   assert len(set(digests.values())) == 1  # replicas are not counted twice
   assert all(len(devices) == 1 for devices in launched)
   assert len(launched) == 1 + 8 + 4 + 1

@@ -9,7 +9,7 @@ import torch
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from ridgeline.model import gemma3_270m
 from ridgeline.engine import loading
-from ridgeline.model.tokenizer import GEMMA_CHAT_TEMPLATE
+from ridgeline.model.chat_templates import GEMMA_CHAT_TEMPLATE
 from tests import hf_tiny
 
 PLAIN = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, there was a"]
