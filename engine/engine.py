@@ -37,7 +37,8 @@ from ridgeline.engine.runner import Runner
 from ridgeline.engine.sampling import SamplingParams
 from ridgeline.engine.outputs import RequestMetrics, StepResult, StreamOutput
 from ridgeline.engine.requests import Prompt, RequestChecker, pool_pages
-from ridgeline.engine.scheduler import Request, Scheduler
+from ridgeline.engine.scheduler import Scheduler
+from ridgeline.engine.sequences import Request
 from ridgeline.model import default_model
 from ridgeline.model import transformer as transformer_lib
 from ridgeline.model.config import ModelConfig

@@ -198,12 +198,12 @@ def _lltokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
   from ridgeline.model import tokenizer as tokenizer_lib
   backend = tokenizer._backend  # pylint: disable=protected-access
   eos = list(tokenizer.eos_ids)
-  if isinstance(backend, tokenizer_lib._HFBackend):  # pylint: disable=protected-access
+  if isinstance(backend, tokenizer_lib.HFBackend):
     # The whole tokenizer.json: llguidance's Rust `tokenizers` reads the
     # byte-level (or byte-fallback) decoding and the special tokens itself.
     return llguidance.LLTokenizer(backend.tokenizer.to_str(), n_vocab=vocab_size,
                                   eos_token=eos)
-  if isinstance(backend, tokenizer_lib._SentencePieceBackend):  # pylint: disable=protected-access
+  if isinstance(backend, tokenizer_lib.SentencePieceBackend):
     return llguidance.LLTokenizer(
         llguidance.TokenizerWrapper(_SentencePieceVocab(backend.processor, tokenizer,
                                                         vocab_size)),

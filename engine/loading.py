@@ -143,8 +143,6 @@ def quantize_weights(config, params, quantize: str | None):
   return config.replace(quantization=quantize), quant.quantize_params(params, quantize)
 
 
-# The old name, for tests/test_quant.py (not this change's to edit).
-_quantized = quantize_weights
 
 
 def _init_sharded(config, seed: int, shardings) -> transformer_lib.Transformer:

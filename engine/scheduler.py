@@ -71,8 +71,7 @@ from ridgeline.engine.sequences import Request, Seq
 from ridgeline.engine.step_collect import Collect
 from ridgeline.engine.step_dispatch import Dispatch, DispatchedStep
 
-# Request is re-exported: the engine imports it from here.
-__all__ = ["Scheduler", "Request", "Seq"]
+__all__ = ["Scheduler"]
 
 
 class TierCounts(NamedTuple):

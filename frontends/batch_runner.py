@@ -185,7 +185,7 @@ class BatchRunner:
           feeding.remove(run)
           continue
         if item.error is not None:
-          self._record(run, records._error_record(item, item.error))
+          self._record(run, records.error_record(item, item.error))
           continue
         rid = f"{run.id}:{item.line}"
         run.live[rid] = item
@@ -214,7 +214,7 @@ class BatchRunner:
         continue  # aborted (cancel) meanwhile
       if isinstance(event, driver_lib.Done):
         del run.live[rid]
-        self._record(run, records._result_record(item, event.output, False, self.token_text,
+        self._record(run, records.result_record(item, event.output, False, self.token_text,
                                                  self.model_name))
       elif isinstance(event, driver_lib.Failed):
         del run.live[rid]
@@ -222,7 +222,7 @@ class BatchRunner:
           run.retry.append(item)
         else:
           error = oaf.driver_error(event, item.api)
-          self._record(run, records._error_record(item, f"line {item.line}: "
+          self._record(run, records.error_record(item, f"line {item.line}: "
                                                   f"{error.message}", error.code))
 
   def _record(self, run: _Run, record: dict) -> None:
@@ -272,7 +272,7 @@ class BatchRunner:
       file_id = f"file-{digest}{name[0]}"
       tmp = self.files.path(file_id) + ".tmp"
       with atomic_write(tmp, "wb") as f:
-        f.write(b"".join(records._dumps(r) for r in lines))
+        f.write(b"".join(records.encode_record(r) for r in lines))
       self.files.add(file_id, f"{run.id}_{name}.jsonl", f"batch_{name}", tmp)
       fields[f"{name}_file_id"] = file_id
     counts = {"total": batch["request_counts"]["total"], "completed": len(ok),

@@ -70,13 +70,13 @@ class FileStore:
     return meta
 
   def get(self, file_id: str) -> dict:
-    meta = journal._read_json(self._meta_path(os.path.basename(file_id)))
+    meta = journal.read_json(self._meta_path(os.path.basename(file_id)))
     if meta is None:
       raise not_found("file", file_id)
     return meta
 
   def list(self, purpose: str | None = None) -> list[dict]:
-    metas = [journal._read_json(os.path.join(self.dir, n)) for n in os.listdir(self.dir)
+    metas = [journal.read_json(os.path.join(self.dir, n)) for n in os.listdir(self.dir)
              if n.endswith(".json")]
     metas = [m for m in metas if m and (purpose is None or m["purpose"] == purpose)]
     return sorted(metas, key=lambda m: (m["created_at"], m["id"]), reverse=True)
@@ -149,7 +149,7 @@ class BatchStore:
     self._on_change = on_change
     self._lock = threading.Lock()
     # The one read of the disk: what a restart finds, active batches included.
-    found = (journal._read_json(os.path.join(self.dir, n)) for n in os.listdir(self.dir)
+    found = (journal.read_json(os.path.join(self.dir, n)) for n in os.listdir(self.dir)
              if n.endswith(".json"))
     self._batches: dict[str, dict] = {b["id"]: b for b in found if b}
 

@@ -40,9 +40,6 @@ import tokenizers
 from ridgeline.model import chat_templates, gguf_vocab
 from ridgeline.model.tokenizer_backends import Backend, HFBackend, SentencePieceBackend
 
-# engine/grammar.py reads a tokenizer's backend by these names.
-_HFBackend, _SentencePieceBackend = HFBackend, SentencePieceBackend
-
 PathLike = str | os.PathLike[str]
 
 # Tokens that end a turn. One counts as end-of-generation when the chat template

@@ -319,7 +319,7 @@ def test_gguf_blocks_kept_as_qwix_arrays(tmp_path, qtype, mode):
   float_config, _ = load_gguf(path, keep_quantized="fp8")
   assert float_config.quantization is None
   from ridgeline.model.convert import load_foreign  # what load_model(path, quantize=mode) calls
-  config2, params2 = loading._quantized(*load_foreign(path, quantize=mode), mode)
+  config2, params2 = loading.quantize_weights(*load_foreign(path, quantize=mode), mode)
   assert config2.quantization_block == 32
   assert np.asarray(params2["layers"][0]["q"].qvalue).tobytes() == np.asarray(
       flat["layers.0.q"].qvalue).tobytes()

@@ -23,7 +23,8 @@ from ridgeline.engine.metrics import Metrics
 from ridgeline.engine.planner import Planner
 from ridgeline.engine.runner import Forwarded, StepTokens
 from ridgeline.engine.sampling import SamplingParams
-from ridgeline.engine.scheduler import Request, Scheduler
+from ridgeline.engine.scheduler import Scheduler
+from ridgeline.engine.sequences import Request
 from ridgeline.util import ceil_div
 
 EOS = 1

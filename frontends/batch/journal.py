@@ -306,7 +306,3 @@ def read_json(path: str) -> dict | None:
       return json.load(f)
   except (OSError, ValueError):
     return None
-
-
-# The old name, for frontends/batch_api.py (another change's to edit).
-_read_json = read_json

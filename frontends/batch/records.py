@@ -357,8 +357,3 @@ def result_record(item: Item, out, with_token_ids: bool, token_text=None,
   record["metrics"] = {"queue_s": _round(m.queue_time), "ttft_s": _round(m.ttft),
                        "tpot_s": _round(m.tpot), "e2e_s": _round(m.e2e)}
   return record
-
-
-# The old names, for frontends/batch_api.py (another change's to edit; it will
-# take the public ones above).
-_error_record, _result_record, _dumps = error_record, result_record, encode_record
