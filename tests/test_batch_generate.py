@@ -2,54 +2,22 @@
 error lines, exactly-once resume after SIGKILL, and sharding over two processes."""
 
 import json
-import os
 import pathlib
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from flax import nnx
 
-from ridgeline.configs import models
 from ridgeline.frontends import batch
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
-from ridgeline.model import transformer as transformer_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Small shapes, few shape buckets: every bucket is a compilation, here and in each child.
-CONFIG = EngineConfig(page_size=16, num_pages=48, max_model_len=64, max_batch=4,
-                      prefill_chunk=32, max_prefill_batch=2)
-ENGINE_FLAGS = ["--model", "tiny", "--page_size", "16", "--num_pages", "48",
-                "--max_model_len", "64", "--max_batch", "4", "--prefill_chunk", "32",
-                "--max_prefill_batch", "2"]
-MAX_TOKENS = 12
-GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+from tests.batch_jobs import (CONFIG, GREEDY, MAX_TOKENS, complete_lines, run_script,
+                              token_prompts, write_lines)
 
 
 @pytest.fixture(scope="module")
-def engine():
-  # The same weights as `--model tiny` in the script (seed 0).
-  model = transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
-  return Engine(model, None, CONFIG)
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def _token_prompts(n, seed=0, lo=1, hi=30):
-  rng = random.Random(seed)
-  return [[rng.randrange(1, 512) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
-
-
-def _write_lines(path, rows):
-  with open(path, "w") as f:
-    for row in rows:
-      f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+def engine(tiny_model):
+  return Engine(tiny_model, None, CONFIG)  # `--model tiny`'s weights (seed 0)
 
 
 def _job(inp, out, **kw):
@@ -67,35 +35,18 @@ def _key(r):
           r.get("error"), [c.get("token_ids") for c in r.get("choices", [])])
 
 
-def _script(args, compile_cache, **popen):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, str(ROOT / "scripts" / "batch_generate.py"), *ENGINE_FLAGS,
-         "--compilation_cache_dir", compile_cache, "--noprogress", *args]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _complete_lines(path):
-  """Newline-terminated lines of a file (what a reader can see at this instant)."""
-  try:
-    return pathlib.Path(path).read_bytes().count(b"\n")
-  except FileNotFoundError:
-    return 0
-
-
 # In process -----------------------------------------------------------------------
 
 
 def test_end_to_end_tiny_equals_engine_generate(engine, tmp_path):
-  prompts = _token_prompts(24, seed=1)
+  prompts = token_prompts(24, seed=1)
   rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(prompts)]
   rows[5] = {"prompt": prompts[5]}  # id from the line number
   rows[7]["sampling"] = {"max_tokens": 3}
   rows[9] = {"custom_id": "oa-9", "body": {"prompt": prompts[9], "max_tokens": 5}}
   rows[11]["sampling"] = {"logprobs": 2}
   rows[13]["sampling"] = {"n": 2, "temperature": 1.0, "seed": 5}
-  _write_lines(tmp_path / "in.jsonl", rows[:12] + [""] + rows[12:])  # a blank line
+  write_lines(tmp_path / "in.jsonl", rows[:12] + [""] + rows[12:])  # a blank line
   out = tmp_path / "out.jsonl"
 
   summary = batch.run_batch(engine, _job(tmp_path / "in.jsonl", out))
@@ -141,7 +92,7 @@ def test_end_to_end_tiny_equals_engine_generate(engine, tmp_path):
 
 
 def test_bad_lines_become_error_lines_and_the_rest_runs(engine, tmp_path):
-  good = _token_prompts(6, seed=2)
+  good = token_prompts(6, seed=2)
   rows = [
       {"id": "g0", "prompt": good[0]},
       '{"id": "broken", "prompt": [1, 2',                            # 2 malformed JSON
@@ -162,7 +113,7 @@ def test_bad_lines_become_error_lines_and_the_rest_runs(engine, tmp_path):
       {"id": "g2", "prompt": good[4]},
       {"id": "g3", "prompt": good[5], "sampling": {"max_tokens": 4}},
   ]
-  _write_lines(tmp_path / "in.jsonl", rows)
+  write_lines(tmp_path / "in.jsonl", rows)
   out = tmp_path / "out.jsonl"
   summary = batch.run_batch(engine, _job(tmp_path / "in.jsonl", out))
 
@@ -193,8 +144,8 @@ def test_bad_lines_become_error_lines_and_the_rest_runs(engine, tmp_path):
 
 
 def test_torn_tail_is_truncated_and_resumed(engine, tmp_path):
-  rows = [{"id": f"t{i}", "prompt": p} for i, p in enumerate(_token_prompts(10, seed=3))]
-  _write_lines(tmp_path / "in.jsonl", rows)
+  rows = [{"id": f"t{i}", "prompt": p} for i, p in enumerate(token_prompts(10, seed=3))]
+  write_lines(tmp_path / "in.jsonl", rows)
   out = tmp_path / "out.jsonl"
   batch.run_batch(engine, _job(tmp_path / "in.jsonl", out))
   full = out.read_bytes()
@@ -248,7 +199,7 @@ def test_default_model_subset_equals_engine_generate(default_checkpoint, tmp_pat
               {"role": "user", "content": "What color is the sky?"}]]
   rows = [{"id": "chat", "messages": prompts[0]}, {"id": "text", "prompt": prompts[1]},
           {"custom_id": "oa", "body": {"messages": prompts[2], "max_tokens": 8}}]
-  _write_lines(tmp_path / "in.jsonl", rows)
+  write_lines(tmp_path / "in.jsonl", rows)
   out = tmp_path / "out.jsonl"
   sampling = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
   summary = batch.run_batch(engine, _job(tmp_path / "in.jsonl", out, default_sampling=sampling))
@@ -264,25 +215,25 @@ def test_default_model_subset_equals_engine_generate(default_checkpoint, tmp_pat
 
 
 def test_sigkill_and_resume_is_exactly_once(engine, compile_cache, tmp_path):
-  prompts = _token_prompts(120, seed=4, lo=4, hi=15)  # short: few shapes to compile
+  prompts = token_prompts(120, seed=4, lo=4, hi=15)  # short: few shapes to compile
   rows = [{"id": f"k{i}", "prompt": p} for i, p in enumerate(prompts)]
   rows[40] = '{"id": "k40", "prompt": '  # error lines are written exactly once too
   rows[90] = {"id": "k90", "prompt": [1, 2], "sampling": {"top_k": -5}}
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-  _write_lines(inp, rows)
+  write_lines(inp, rows)
   args = ["--input", str(inp), "--output", str(out), "--max_tokens", str(MAX_TOKENS),
           "--max_in_flight", "4"]
   rng = random.Random(0)
   counts = []
   for k in range(4):
-    before = _complete_lines(out)
-    proc = _script(args, compile_cache)
+    before = complete_lines(out)
+    proc = run_script(args, compile_cache)
     if k == 0:  # at a random instant, maybe before any output
       time.sleep(rng.uniform(0.5, 4.0))
     else:  # at a random point of this run's output (lines land a step's worth at a time)
       target = before + rng.randint(5, 25)
       deadline = time.monotonic() + 60
-      while (proc.poll() is None and _complete_lines(out) < target
+      while (proc.poll() is None and complete_lines(out) < target
              and time.monotonic() < deadline):
         time.sleep(0.005)
       time.sleep(rng.uniform(0.0, 0.02))
@@ -290,13 +241,13 @@ def test_sigkill_and_resume_is_exactly_once(engine, compile_cache, tmp_path):
     if killed:
       proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    counts.append((_complete_lines(out), killed))
+    counts.append((complete_lines(out), killed))
     # Whatever a reader sees parses (but an unterminated tail), each line at most once.
     seen = [json.loads(raw)["line"]
             for raw in (out.read_bytes().split(b"\n")[:-1] if out.exists() else [])]
     assert len(seen) == len(set(seen))
 
-  proc = _script(args, compile_cache)
+  proc = run_script(args, compile_cache)
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 2, stderr  # exit status: the number of error lines
   records = batch.read_records(str(out))
@@ -318,7 +269,7 @@ def test_sigkill_and_resume_is_exactly_once(engine, compile_cache, tmp_path):
 
 
 def test_two_processes_merge_to_the_single_process_result(engine, compile_cache, tmp_path):
-  prompts = _token_prompts(40, seed=5, lo=4, hi=15)
+  prompts = token_prompts(40, seed=5, lo=4, hi=15)
   rows = [{"id": f"s{i}", "prompt": p} for i, p in enumerate(prompts)]
   for i in range(0, 40, 5):  # sampled lines: seeded by the job seed and their id
     rows[i]["sampling"] = {"temperature": 0.9, "top_p": 0.9}
@@ -326,13 +277,13 @@ def test_two_processes_merge_to_the_single_process_result(engine, compile_cache,
   rows[7] = {"id": "s2", "prompt": prompts[7]}  # duplicate of line 3's id, other shard
   rows[8] = "not json"
   inp = tmp_path / "in.jsonl"
-  _write_lines(inp, rows)
+  write_lines(inp, rows)
   single = batch.run_batch(engine, _job(inp, tmp_path / "single.jsonl", seed=7))
 
   out = tmp_path / "out.jsonl"
   args = ["--input", str(inp), "--output", str(out), "--max_tokens", str(MAX_TOKENS),
           "--seed", "7", "--process_count", "2"]
-  procs = [_script(args + ["--process_index", str(i)], compile_cache) for i in range(2)]
+  procs = [run_script(args + ["--process_index", str(i)], compile_cache) for i in range(2)]
   results = [p.communicate(timeout=120) for p in procs]
   # Exit status: the merging process reports the merged count, the other its own part's.
   codes = [p.returncode for p in procs]
@@ -349,7 +300,7 @@ def test_two_processes_merge_to_the_single_process_result(engine, compile_cache,
 
   # The documented manual step gives the same file.
   out.unlink()
-  merge = _script(["--merge", "--process_count", "2", "--input", str(inp),
+  merge = run_script(["--merge", "--process_count", "2", "--input", str(inp),
                    "--output", str(out)], compile_cache)
   _, stderr = merge.communicate(timeout=60)
   assert merge.returncode == 2, stderr

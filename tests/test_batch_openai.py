@@ -13,10 +13,8 @@ import pytest
 
 from ridgeline.frontends import batch
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
-from test_batch_generate import (GREEDY, MAX_TOKENS, _complete_lines,
-                                 _script, _token_prompts, _write_lines, compile_cache,
-                                 engine as tiny_engine)  # noqa: F401 (fixtures)
-from test_server import model, tokenizer  # noqa: F401 (fixtures)
+from tests.batch_jobs import (CONFIG as TINY_JOB, GREEDY, MAX_TOKENS, complete_lines,
+                              run_script, token_prompts, write_lines)
 
 CONFIG = EngineConfig(page_size=16, num_pages=64, max_model_len=128, max_batch=8,
                       prefill_chunk=64, max_prefill_batch=4)
@@ -47,8 +45,13 @@ def _check_envelope(r):
 
 
 @pytest.fixture(scope="module")
-def text_engine(model, tokenizer):  # noqa: F811
-  return Engine(model, tokenizer, CONFIG)
+def text_engine(text_model, default_tokenizer):
+  return Engine(text_model, default_tokenizer, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+  return Engine(tiny_model, None, TINY_JOB)  # `--model tiny`'s weights and the job's shapes
 
 
 def test_openai_batch_file_gives_openai_output_lines(text_engine, tmp_path):
@@ -69,7 +72,7 @@ def test_openai_batch_file_gives_openai_output_lines(text_engine, tmp_path):
       {"id": "own", "prompt": [1, 2, 3]},  # Ridgeline's own line keeps its format
   ]
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-  _write_lines(inp, rows)
+  write_lines(inp, rows)
   job = batch.BatchJob(str(inp), str(out), default_sampling={"max_tokens": 8},
                        progress=False)
   summary = batch.run_batch(text_engine, job)
@@ -131,25 +134,25 @@ def test_openai_batch_file_gives_openai_output_lines(text_engine, tmp_path):
   assert [key(r) for r in merged] == [key(r) for r in records]
 
 
-def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_cache, tmp_path):  # noqa: F811
-  prompts = _token_prompts(48, seed=7, lo=4, hi=15)
+def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_cache, tmp_path):
+  prompts = token_prompts(48, seed=7, lo=4, hi=15)
   rows = [_line(f"r{i}", COMPLETIONS, {"model": "tiny", "prompt": p}) for i, p in
           enumerate(prompts)]
   rows[10] = _line("r10", "/v1/moderations", {"input": "x"})
   rows[20] = _line("r20", CHAT, {"messages": [{"role": "user", "content": "no tokenizer"}]})
   rows[30] = '{"custom_id": "r30", "url": "/v1/completions", "body": {"prompt": '
   inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-  _write_lines(inp, rows)
+  write_lines(inp, rows)
   args = ["--input", str(inp), "--output", str(out), "--max_tokens", str(MAX_TOKENS),
           "--max_in_flight", "4"]
   rng = random.Random(1)
   killed_runs = 0
   for k in range(2):
-    before = _complete_lines(out)
-    proc = _script(args, compile_cache)
+    before = complete_lines(out)
+    proc = run_script(args, compile_cache)
     target = before + rng.randint(5, 20)
     deadline = time.monotonic() + 60
-    while proc.poll() is None and _complete_lines(out) < target and time.monotonic() < deadline:
+    while proc.poll() is None and complete_lines(out) < target and time.monotonic() < deadline:
       time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 0.02))
     if proc.poll() is None:
@@ -158,7 +161,7 @@ def test_openai_batch_sigkill_and_resume_is_exactly_once(tiny_engine, compile_ca
     proc.communicate()
     seen = [json.loads(raw)["custom_id"] for raw in out.read_bytes().split(b"\n")[:-1]]
     assert len(seen) == len(set(seen))
-  proc = _script(args, compile_cache)
+  proc = run_script(args, compile_cache)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 3, stderr  # three error lines
   records = batch.read_records(str(out))

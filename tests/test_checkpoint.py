@@ -264,7 +264,7 @@ def test_digest_ignores_sharding_and_sees_one_changed_element():
 
 
 def test_digest_runs_only_single_device_programs(monkeypatch):
-  """Shard by shard on the shards' own devices, each piece once (issue 16: hundreds of
+  """Shard by shard on the shards' own devices, each piece once (hundreds of
   multi-device all-reduce programs in flight deadlocked XLA:CPU on 8 devices)."""
   rng = np.random.default_rng(1)
   value = rng.standard_normal((24, 16)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Issue 11, defects 6 and 7 and item 11: the commands' --help, one-line errors,
+"""The commands from outside: their --help, one-line errors,
 generate.py's inputs, convert_checkpoint.py's messages, the compilation cache on by
 default, and the console scripts of an installed package."""
 

@@ -1,4 +1,4 @@
-"""Issue 11, defect 5: every damaged checkpoint fails with an error that names the
+"""Every damaged checkpoint fails with an error that names the
 path and what is wrong (or, for a missing tokenizer, loads with a warning)."""
 
 import logging

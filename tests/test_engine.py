@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from ridgeline.configs import models
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
@@ -16,13 +15,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def model():
-  return transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-  return Engine(model, None, CONFIG)
+def engine(tiny_model):
+  return Engine(tiny_model, None, CONFIG)
 
 
 def _prompts(n, seed=0, lo=1, hi=40):
@@ -74,12 +68,12 @@ def test_seeded_samples_differ_across_seeds_and_follow_temperature(engine):
   assert k1.token_ids == engine.generate([prompt], GREEDY)[0].token_ids
 
 
-def test_chunked_prefill_equals_one_shot(model):
+def test_chunked_prefill_equals_one_shot(tiny_model):
   prompts = _prompts(4, seed=5, lo=40, hi=52)
-  one_shot = Engine(model, None, EngineConfig(
+  one_shot = Engine(tiny_model, None, EngineConfig(
       page_size=8, num_pages=96, max_model_len=64, max_batch=4, prefill_chunk=64,
       max_prefill_batch=1)).generate(prompts, GREEDY)
-  chunked_engine = Engine(model, None, EngineConfig(
+  chunked_engine = Engine(tiny_model, None, EngineConfig(
       page_size=8, num_pages=96, max_model_len=64, max_batch=4, prefill_chunk=16,
       max_prefill_batch=1))
   chunked = chunked_engine.generate(prompts, GREEDY)
@@ -201,7 +195,7 @@ def test_penalties_change_output_and_stay_batch_invariant(engine):
   assert mixed[0].token_ids == alone.token_ids
 
 
-def test_penalties_match_a_step_by_step_reference(engine, model):
+def test_penalties_match_a_step_by_step_reference(engine, tiny_model):
   """The history holds every token, the one still on the device included (the
   host runs a step ahead): greedy decoding with penalties equals the reference
   that rescored the whole sequence after each token."""
@@ -212,7 +206,7 @@ def test_penalties_match_a_step_by_step_reference(engine, model):
   got = engine.generate([prompt, [1, 2, 3, 4]], [pen, GREEDY])[0].token_ids
   out = []
   for _ in range(10):
-    x = np.asarray(transformer_lib.score(model, [prompt + out])[0, -1], np.float64)
+    x = np.asarray(transformer_lib.score(tiny_model, [prompt + out])[0, -1], np.float64)
     seen = np.zeros(x.shape, bool)
     seen[prompt + out] = True
     x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
@@ -246,10 +240,10 @@ def test_stream_yields_tokens_and_ends(engine):
   assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
-def test_compiled_variants_bounded_over_200_requests(model):
+def test_compiled_variants_bounded_over_200_requests(tiny_model):
   cfg = EngineConfig(page_size=8, num_pages=160, max_model_len=64, max_batch=16,
                      prefill_chunk=32, max_prefill_batch=4)
-  engine = Engine(model, None, cfg)
+  engine = Engine(tiny_model, None, cfg)
   engine.warmup()
   warm = engine.runner.compilations
   assert warm == cfg.max_step_variants()
@@ -266,7 +260,7 @@ def test_compiled_variants_bounded_over_200_requests(model):
   assert engine.num_free_pages() == cfg.num_pages
 
 
-def test_decode_compiles_once_per_shape(model):
+def test_decode_compiles_once_per_shape(tiny_model):
   """Generating 64 tokens after one warm-up generation triggers no compilation."""
   from jax import monitoring
   compiles = []
@@ -274,7 +268,7 @@ def test_decode_compiles_once_per_shape(model):
       lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
   cfg = EngineConfig(page_size=16, num_pages=16, max_model_len=128, max_batch=4,
                      prefill_chunk=16, max_prefill_batch=1)
-  engine = Engine(model, None, cfg)
+  engine = Engine(tiny_model, None, cfg)
   params = SamplingParams(temperature=0, max_tokens=64)
   engine.generate([[1, 2, 3]], params)  # compiles every bucket this workload uses
   warm = len(compiles)
@@ -284,7 +278,7 @@ def test_decode_compiles_once_per_shape(model):
   assert len(compiles) == warm, f"{len(compiles) - warm} recompilations"
 
 
-def test_mixed_workload_equals_each_request_alone(model):
+def test_mixed_workload_equals_each_request_alone(tiny_model):
   """Staggered arrivals, short and long (chunked) prompts, shared prefixes (prefix
   cache hits), n > 1 and a pool small enough to preempt: every greedy output, and
   every seeded sample, equals the same request run alone on a roomy engine."""
@@ -296,11 +290,11 @@ def test_mixed_workload_equals_each_request_alone(model):
             for _ in prompts]
   params[3] = SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=10)
   params[7] = SamplingParams(temperature=1.0, top_k=20, seed=6, max_tokens=12)
-  roomy = Engine(model, None, EngineConfig(page_size=8, num_pages=160, max_model_len=96,
+  roomy = Engine(tiny_model, None, EngineConfig(page_size=8, num_pages=160, max_model_len=96,
                                            max_batch=8, prefill_chunk=32, max_prefill_batch=4))
   alone = [[c.token_ids for c in roomy.generate([p], sp)[0].outputs]
            for p, sp in zip(prompts, params)]
-  tight = Engine(model, None, EngineConfig(page_size=8, num_pages=14, max_model_len=96,
+  tight = Engine(tiny_model, None, EngineConfig(page_size=8, num_pages=14, max_model_len=96,
                                            max_batch=8, prefill_chunk=32, max_prefill_batch=4))
   outs = _run_staggered(tight, prompts, params, seed=3)
   assert [[c.token_ids for c in o.outputs] for o in outs] == alone
@@ -342,7 +336,7 @@ def test_step_variants_grow_logarithmically_as_the_readme_says():
   assert EngineConfig(max_batch=64).decode_buckets == (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
 
-def test_default_batch_is_sized_to_the_ridge_and_the_pool():
+def test_default_batch_is_sized_to_the_ridge_and_the_pool(tiny_model):
   from ridgeline.engine import planner, roofline
   llama8b, small = models.get("llama-3.1-8b"), models.get("smollm2-135m")
 
@@ -360,24 +354,23 @@ def test_default_batch_is_sized_to_the_ridge_and_the_pool():
   cpu = dataclasses.replace(h100, name="measured cpu", measured=True)
   assert planner.default_max_batch(small, cpu, 10**9) == planner.MEASURED_DEVICE_BATCH == 64
   # The engine resolves None from its device; an explicit value wins.
-  model = transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
-  engine = Engine(model, None, EngineConfig(num_pages=64, max_model_len=64))
+  engine = Engine(tiny_model, None, EngineConfig(num_pages=64, max_model_len=64))
   assert engine.config.max_batch == planner.default_max_batch(
-      model.config, engine.peaks, 64 * engine.config.page_size)
-  assert Engine(model, None, EngineConfig(num_pages=64, max_model_len=64,
+      tiny_model.config, engine.peaks, 64 * engine.config.page_size)
+  assert Engine(tiny_model, None, EngineConfig(num_pages=64, max_model_len=64,
                                           max_batch=8)).config.max_batch == 8
 
 
-def test_background_compilation_runs_padded_steps_with_the_same_outputs(model):
+def test_background_compilation_runs_padded_steps_with_the_same_outputs(tiny_model):
   cfg = EngineConfig(page_size=8, num_pages=96, max_model_len=64, max_batch=8,
                      prefill_chunk=32, max_prefill_batch=4)
   prompts = _prompts(6, seed=21)
   params = [SamplingParams(temperature=0, max_tokens=10),
             SamplingParams(temperature=0.8, seed=3, max_tokens=10)] * 3
-  eager = Engine(model, None, cfg)
+  eager = Engine(tiny_model, None, cfg)
   eager.warmup()
   expected = [o.token_ids for o in eager.generate(prompts, params)]
-  lazy = Engine(model, None, cfg)
+  lazy = Engine(tiny_model, None, cfg)
   lazy.warmup(background=True)
   runner = lazy.runner
   # The cover shapes (every step fits in one): their model passes and samplers.

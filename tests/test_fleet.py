@@ -100,11 +100,6 @@ def _worker_env():
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module")
 def fleet(ray_cluster, compile_cache):
   t0 = time.perf_counter()
   f = fleet_lib.Fleet(fleet_lib.EngineSpec(preset="tiny", config=CONFIG,

@@ -22,9 +22,7 @@ from flax import nnx
 from ridgeline.configs import models
 from ridgeline.engine.engine import Engine, EngineConfig, SamplingParams
 from ridgeline.frontends.server import create_app
-from ridgeline.model import default_model
 from ridgeline.model import transformer as transformer_lib
-from ridgeline.model.tokenizer import Tokenizer
 from tests.serving import serve_in_thread
 
 CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128, max_batch=16,
@@ -33,25 +31,14 @@ MODEL = "tiny-test"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-  return Tokenizer.from_gguf(default_model.gguf_path())
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-  config = models.get("tiny").replace(vocab_size=tokenizer.vocab_size)
-  return transformer_lib.Transformer(config, rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def reference(model, tokenizer):
+def reference(text_model, default_tokenizer):
   """A second engine over the same weights, for expected outputs."""
-  return Engine(model, tokenizer, CONFIG)
+  return Engine(text_model, default_tokenizer, CONFIG)
 
 
 @pytest.fixture(scope="module")
-def served(model, tokenizer):
-  engine = Engine(model, tokenizer, CONFIG)
+def served(text_model, default_tokenizer):
+  engine = Engine(text_model, default_tokenizer, CONFIG)
   app = create_app(engine, model_name=MODEL)
   with serve_in_thread(app) as url:
     yield type("Served", (), dict(url=url, engine=engine, server=app.state.server))
@@ -80,7 +67,8 @@ CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_openai_client_chat_and_completions_equal_engine_generate(served, reference, tokenizer):
+def test_openai_client_chat_and_completions_equal_engine_generate(served, reference,
+                                                                  default_tokenizer):
   client = _client(served)
   assert [m.id for m in client.models.list()] == [MODEL]
   greedy = SamplingParams(temperature=0, max_tokens=10)
@@ -151,7 +139,7 @@ def test_openai_client_chat_and_completions_equal_engine_generate(served, refere
                                      logprobs=True, top_logprobs=3)
   content = r.choices[0].logprobs.content
   assert len(content) == len(exp.token_ids)
-  assert b"".join(bytes(e.bytes) for e in content) == tokenizer.decode(
+  assert b"".join(bytes(e.bytes) for e in content) == default_tokenizer.decode(
       exp.token_ids, skip_special_tokens=False).encode()
   for e, tid, lp in zip(content, exp.token_ids, exp.outputs[0].logprobs):
     assert e.logprob == pytest.approx(lp[tid], abs=1e-6)

@@ -1,11 +1,10 @@
-"""Issue 11 for the batch job: a line with huge values fails alone (defect 1), two
-jobs never both write one output (defect 2), the summary's preemptions are the
-engine's (defect 3), and --metrics_port serves the registry during a run (item 8)."""
+"""The batch job's guards: a line with huge values fails alone, two jobs never both
+write one output, the summary's preemptions are the engine's, and --metrics_port
+serves the registry during a run."""
 
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import threading
@@ -13,12 +12,10 @@ import time
 import urllib.request
 
 import pytest
-from flax import nnx
 
-from ridgeline.configs import models
 from ridgeline.frontends import batch
 from ridgeline.engine.engine import Engine, EngineConfig
-from ridgeline.model import transformer as transformer_lib
+from tests.serving import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = EngineConfig(page_size=16, num_pages=48, max_model_len=64, max_batch=4,
@@ -33,13 +30,8 @@ SMALL_FLAGS = ["--model", "tiny", "--page_size", "16", "--num_pages", "6",
 
 
 @pytest.fixture(scope="module")
-def model():
-  return transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-  return Engine(model, None, CONFIG)
+def engine(tiny_model):
+  return Engine(tiny_model, None, CONFIG)
 
 
 def _write(path, rows):
@@ -176,8 +168,8 @@ def _sample(text: str, name: str) -> float:
   raise KeyError(name)
 
 
-def test_summary_preemptions_equal_the_engine_metric_and_metrics_are_served(model, tmp_path):
-  small = Engine(model, None, SMALL_POOL)
+def test_summary_preemptions_equal_the_engine_metric_and_metrics_are_served(tiny_model, tmp_path):
+  small = Engine(tiny_model, None, SMALL_POOL)
   server = small.metrics.serve(0)  # 127.0.0.1, any free port
   port = server.server_port
   scraped = []
@@ -209,17 +201,11 @@ def test_summary_preemptions_equal_the_engine_metric_and_metrics_are_served(mode
   assert 0 < scraped[0][0] < scraped[1][0]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_script_metrics_port_and_preemptions(tmp_path):
   rows = _rows(48, length=24)
   _write(tmp_path / "in.jsonl", rows)
   out = tmp_path / "out.jsonl"
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.Popen(

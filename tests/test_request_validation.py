@@ -1,6 +1,6 @@
-"""Issue 11, defects 1 and 4 (and SamplingParams frozen): every value bound for a
-device array is range-checked when a request is added, and a bad request fails
-alone with a message naming the field and what is allowed."""
+"""Requests are checked before they run: every value bound for a device array is
+range-checked when a request is added, a bad request fails alone with a message
+naming the field and what is allowed, and SamplingParams is frozen."""
 
 import dataclasses
 

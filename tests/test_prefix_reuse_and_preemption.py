@@ -1,4 +1,4 @@
-"""The KV-cache economy on a tiny model: prefix reuse, LRU eviction, preemption,
+"""The KV cache's economy on a tiny model: prefix reuse, LRU eviction, preemption,
 admission control and the metrics that report them."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The vectorized host loop on a ridge-sized batch: 256+ rows mixing stop strings,
+"""A ridge-sized batch through the vectorized host loop: 256+ rows mixing stop strings,
 n > 1, log-probabilities, streaming and plain requests give the same results
 whatever shares their step, and the text made once at the end equals the text
 made token by token."""

@@ -1,4 +1,4 @@
-"""The real default model on all 8 fake CPU devices (issue 16): restored from its orbax
+"""The real default model on all 8 fake CPU devices: restored from its orbax
 checkpoint and converted from its GGUF onto meshes data=1,model=8 and data=2,model=4,
 it generates transformers' greedy tokens.
 
@@ -97,11 +97,6 @@ def _run_child(source: str, mesh_text: str, prompts: list[list[int]], tmp_path,
                 + (" in an XLA collective rendezvous (deadlock)" if rendezvous else "")
                 + f"; stderr tail:\n{proc.stderr[-3000:]}")
   return json.loads(lines[-1][len("RESULT "):])
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_compilation_cache")
 
 
 @pytest.fixture(scope="module")
