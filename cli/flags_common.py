@@ -45,6 +45,9 @@ flags.DEFINE_float("host_kv_cache_gb", None, "A host-memory tier under the devic
 flags.DEFINE_enum("host_kv_policy", "price", ["price", "copy", "recompute"],
                   "A host-tier hit: copy back or recompute, whichever the roofline prices "
                   "cheaper (price), or always one of them.")
+flags.DEFINE_integer("batch_rows", None, "Batch work (priority > 0: Batch API lines) starts "
+                     "only while fewer sequences than this run: the rows past which every "
+                     "step slows down. Default: --max_batch.")
 flags.DEFINE_integer("prefill_chunk", 512, "Most prompt tokens per sequence per step.")
 flags.DEFINE_integer("max_prefill_batch", 8, "Most sequences prefilled in one step.")
 flags.DEFINE_enum("precompile", "background", ["all", "background", "none"],
@@ -111,7 +114,7 @@ def engine_config() -> EngineConfig:
       kv_dtype=FLAGS.kv_cache_dtype,
       host_kv_cache_bytes=(None if FLAGS.host_kv_cache_gb is None
                            else int(FLAGS.host_kv_cache_gb * 2**30)),
-      host_kv_policy=FLAGS.host_kv_policy)
+      host_kv_policy=FLAGS.host_kv_policy, batch_rows=FLAGS.batch_rows)
 
 
 def init_distributed() -> None:

@@ -7,7 +7,9 @@ queue in order (`_schedule_prefill`): a queued sequence gets a slot of the live
 batch, reuses the pages of its cached prefix (`kv.reuse_prefix`) and is admitted
 if the pool has room for its chunk; FCFS: a later, smaller request does not jump
 the queue. Low-priority work (priority > 0, batch lines) is admitted only while
-a reserve of free pages stays for interactive requests.
+a reserve of free pages stays for interactive requests, and while the batch has
+fewer than `batch_rows` rows (EngineConfig: the rows past which a step slows
+down for everyone).
 
 When a decoding sequence needs a page and none is free, the newest running
 sequence of the lowest priority is preempted (`_make_room`, `_preempt`): its
@@ -137,9 +139,11 @@ class Admission:
       slot = seq.slot
       chunk = min(int(b.num_tokens(slot) - b.computed[slot]), tiles * tile)
       # Low-priority work (priority > 0: batch lines) starts only while the pool
-      # keeps a reserve for interactive requests after its whole prompt.
+      # keeps a reserve for interactive requests after its whole prompt, and while
+      # the batch is below `batch_rows` (past them every row's step gets slower).
       held_back = fresh and seq.request.priority > 0 and (
-          self.kv.num_free - self.kv.pages_needed(slot, int(b.num_tokens(slot)))
+          self.num_running >= self.batch_rows
+          or self.kv.num_free - self.kv.pages_needed(slot, int(b.num_tokens(slot)))
           < self.page_reserve)
       if held_back or not self._make_room(slot, int(b.computed[slot]) + chunk,
                                           may_preempt=not fresh):

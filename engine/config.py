@@ -44,6 +44,9 @@ class EngineConfig:
     many bytes, and copied back on a later hit; None (the default): no tier.
   host_kv_policy: what a host hit does: "price" (copy back or recompute, whichever
     the roofline says is cheaper), "copy" (always copy back), "recompute" (never).
+  batch_rows: work of priority > 0 (batch lines) starts only while fewer than this
+    many sequences run: the rows past which a step gets slower for everyone (the
+    ridge-sized batch of the device). None (the default): max_batch.
   """
 
   page_size: int = 16
@@ -61,10 +64,11 @@ class EngineConfig:
   max_step_ms: float | None = None
   host_kv_cache_bytes: int | None = None
   host_kv_policy: str = "price"
+  batch_rows: int | None = None
 
   def __post_init__(self):
     for field in ("page_size", "max_batch", "max_model_len", "prefill_chunk",
-                  "max_prefill_batch", "cpu_kv_cache_bytes", "max_waiting"):
+                  "max_prefill_batch", "cpu_kv_cache_bytes", "max_waiting", "batch_rows"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"EngineConfig.{field} must be >= 1, got {getattr(self, field)}")
     if self.num_pages is not None and self.num_pages < 1:

@@ -113,6 +113,8 @@ class Scheduler(Admission, Dispatch, Collect):
     # Free pages low-priority work may not take: room for one sequence of the
     # model length, at most an eighth of the pool.
     self.page_reserve = min(config.max_pages_per_seq, runner.num_pages // 8)
+    # ... and only while the batch has fewer rows than this.
+    self.batch_rows = config.batch_rows or config.max_batch
     self._padding: collections.Counter = collections.Counter()  # seconds run padded, by shape
     self._measured: dict[StepShape, float] = {}  # the last step time of each shape run
     self._last_ready = 0.0

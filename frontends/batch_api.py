@@ -28,7 +28,7 @@ finalizing does it again (the same file ids, written atomically).
 Batch lines reach the engine through the server's driver (engine/driver.py), like HTTP
 requests, with priority BATCH_PRIORITY: the scheduler admits interactive
 requests first, preempts batch work first, and starts batch work only while a
-reserve of KV pages stays free (engine/scheduler.py). At most `max_in_flight`
+reserve of KV pages stays free (engine/admission.py). At most `max_in_flight`
 batch lines are in the engine at once (all batches together, taken round-robin),
 so the queue holds room for interactive requests.
 

@@ -14,7 +14,7 @@ file ids, written atomically).
 Lines reach the engine through the server's driver (engine/driver.py), like HTTP
 requests, with priority BATCH_PRIORITY: the scheduler admits interactive
 requests first, preempts batch work first, and starts batch work only while a
-reserve of KV pages stays free (engine/scheduler.py). At most `max_in_flight`
+reserve of KV pages stays free (engine/admission.py). At most `max_in_flight`
 lines are in the engine at once (all batches together, taken round-robin), so
 the queue holds room for interactive requests. A line the engine had no room
 for (its queue full, or the driver stopping) is submitted again later.

@@ -283,6 +283,30 @@ def test_batch_work_leaves_a_page_reserve_for_interactive_requests(model, priori
     engine.step()
 
 
+def test_batch_work_starts_only_below_batch_rows(model):
+  """batch_rows 3 of max_batch 8: six batch prompts start three at a time (the
+  rest wait, and start as rows end), interactive ones start past it, and every
+  greedy output is what it is alone."""
+  params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+  prompts = [list(range(10 * i + 1, 10 * i + 9)) for i in range(8)]
+  expected = [_engine(model).generate([p], params)[0].token_ids for p in prompts]
+  engine = _engine(model, batch_rows=3, prefill_chunk=128)
+  batch = [engine.add_request(p, params, priority=1) for p in prompts[:6]]
+  engine.step()
+  assert engine.scheduler.num_running == 3
+  interactive = [engine.add_request(p, params) for p in prompts[6:]]
+  engine.step()
+  assert engine.scheduler.num_running == 5
+  most = 5
+  while engine.has_unfinished():
+    engine.step()
+    most = max(most, engine.scheduler.num_running)
+  assert most == 5  # batch rows never joined a batch of 3 or more
+  assert [engine.get_output(r).outputs[0].token_ids for r in batch + interactive] == expected
+  with pytest.raises(ValueError, match="batch_rows"):
+    EngineConfig(batch_rows=0)
+
+
 def test_a_full_batch_of_batch_work_gives_a_row_to_an_interactive_request(model):
   """max_batch 2, both rows decoding batch work (priority 1): an interactive
   request starts at once, preempting the newest batch sequence, and every

@@ -271,7 +271,8 @@ def format_table(results: list[dict]) -> str:
 SERVER_FLAGS = ("checkpoint", "model", "cache_dir", "dtype", "page_size", "num_pages",
                 "kv_cache_mb", "memory_fraction", "max_batch", "max_model_len",
                 "prefill_chunk", "max_prefill_batch", "compilation_cache_dir", "mesh",
-                "quantize", "kv_cache_dtype", "precompile", "host_kv_cache_gb", "host_kv_policy")
+                "quantize", "kv_cache_dtype", "precompile", "host_kv_cache_gb", "host_kv_policy",
+                "batch_rows")
 
 
 def server_command() -> tuple[list[str], dict]:
