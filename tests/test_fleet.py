@@ -17,15 +17,9 @@ import pytest
 from ridgeline.frontends import batch
 from ridgeline.frontends import fleet as fleet_lib
 from ridgeline.engine.config import EngineConfig
+# The batch job tests' shapes: few buckets, quick compiles.
+from tests.batch_jobs import CONFIG, ENGINE_FLAGS, MAX_TOKENS, ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The shapes of tests/test_batch_generate.py: few buckets, quick compiles.
-CONFIG = EngineConfig(page_size=16, num_pages=48, max_model_len=64, max_batch=4,
-                      prefill_chunk=32, max_prefill_batch=2)
-ENGINE_FLAGS = ["--model", "tiny", "--page_size", "16", "--num_pages", "48",
-                "--max_model_len", "64", "--max_batch", "4", "--prefill_chunk", "32",
-                "--max_prefill_batch", "2"]
-MAX_TOKENS = 12
 SAMPLING = {"temperature": 0, "max_tokens": MAX_TOKENS}
 
 
