@@ -22,8 +22,9 @@
 
 Modes (comma-separated, run in one process on one engine; tools/bench/modes.py
 says what each measures): host, scoring, structured, conversation, decode, throughput, latency,
-prefill, ttft, kernels; and serve, batch_api, which run against a server process
-(tools/serve_bench.py, tools/bench/batch_api.py).
+prefill, ttft, kernels; and serve, batch_api, conversation_serve, which run against
+server processes (tools/serve_bench.py, tools/bench/batch_api.py,
+tools/bench/conversation_serve.py).
 
 --compare hf runs Hugging Face transformers' `generate` (torch, the same weights,
 prompts and lengths, greedy, --threads threads) in the same run and prints our/HF
@@ -49,7 +50,8 @@ D = Options  # the defaults live in the library's Options
 _list = lambda values: [str(v) for v in values]
 
 flags.DEFINE_list("mode", ["decode"], "Comma-separated modes: "
-                  f"{', '.join(modes_lib.MODES)}; serve, batch_api (a server process).")
+                  f"{', '.join(modes_lib.MODES)}; serve, batch_api, conversation_serve "
+                  "(server processes).")
 flags.DEFINE_list("batch_sizes", _list(D.batch_sizes), "decode: batch sizes.")
 flags.DEFINE_list("contexts", _list(D.contexts), "decode: context lengths (tokens already cached).")
 flags.DEFINE_integer("steps", D.steps, "decode/prefill: timed steps per point (after --warmup).")
@@ -186,6 +188,8 @@ for _name, _help in _NUMBER_FLAGS.items():
 flags.DEFINE_string("url", None, "serve, batch_api: a running server to target (default: "
                     "start one).")
 flags.DEFINE_integer("batch_lines", 2000, "batch_api: lines of the queued batch.")
+flags.DEFINE_float("conversation_rate", 2.0, "conversation_serve: turns arriving per second.")
+flags.DEFINE_float("conversation_host_gb", 2.0, "conversation_serve: the host tier's GiB.")
 
 
 def run_serve() -> None:
@@ -233,6 +237,37 @@ def run_batch_api() -> None:
   print(f"\nresults: {out}")
 
 
+def run_conversation_serve() -> None:
+  """The conversation workload as chat completions over HTTP at a rate, one server
+  per host-tier policy (tools/bench/conversation_serve.py)."""
+  import json
+  import pathlib
+  from ridgeline.tools import serve_bench
+  from ridgeline.tools.bench import conversation_serve as cs
+  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
+                  if FLAGS[n].present]
+  command, env = serve_bench.server_command()
+  log = str(pathlib.Path(FLAGS.output).with_suffix(".server.log"))
+
+  def serve(extra):
+    cmd = [*command, *server_flags, *extra]
+    print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
+    return serve_bench.start_server(cmd, log_path=log, env=env)
+
+  cfg = cs.ConversationServeConfig(
+      users=FLAGS.conversation_users, turns=FLAGS.conversation_turns,
+      prompt=FLAGS.conversation_prompt, answer=FLAGS.conversation_answer,
+      message=FLAGS.conversation_message, rate=FLAGS.conversation_rate,
+      pool=FLAGS.conversation_pool, page_size=FLAGS.page_size, seed=FLAGS.seed)
+  res = cs.run(cfg, serve, FLAGS.conversation_host_gb)
+  print(cs.format_table(res))
+  out = pathlib.Path(FLAGS.output)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"conversation_serve": res, "command": sys.argv,
+                             "label": FLAGS.label}, indent=1, default=float))
+  print(f"\nresults: {out}")
+
+
 def main(argv):
   del argv
   if FLAGS.replot:
@@ -247,13 +282,15 @@ def main(argv):
     run_serve()
   if "batch_api" in modes:  # the same
     run_batch_api()
-  modes = [m for m in modes if m not in ("serve", "batch_api")]
+  if "conversation_serve" in modes:  # the same, one server per policy
+    run_conversation_serve()
+  modes = [m for m in modes if m not in ("serve", "batch_api", "conversation_serve")]
   if not modes:
     return
   try:
     modes = modes_lib.check_modes(modes)
   except ValueError as e:
-    raise app.UsageError(f"--mode: {e} (or serve, batch_api)") from None
+    raise app.UsageError(f"--mode: {e} (or serve, batch_api, conversation_serve)") from None
   opts = options()
   peer = None
   if FLAGS.compare == "hf":

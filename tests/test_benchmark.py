@@ -112,3 +112,27 @@ def test_time_calls_warms_up_then_times_back_to_back_calls():
   assert len(times) == 3 and all(t >= 0 for t in times)
   assert len(calls) == 2 + 3 * 4  # the warm-up calls, then 4 per repetition
   assert len(synced) == 2 + 3  # waits on every warm-up call, then once per repetition
+
+
+def test_conversation_serve_sizes_a_pool_that_holds_a_whole_conversation():
+  """The server flags of the HTTP conversation workload: a pool of `pool` of the
+  conversations' KV that still holds one sequence of max_model_len, itself above
+  a conversation's estimated length, for small and large settings."""
+  from ridgeline.tools.bench.conversation_serve import ConversationServeConfig
+  for cfg in (ConversationServeConfig(), ConversationServeConfig(
+      users=4, turns=2, prompt=32, answer=8, message=8),
+              ConversationServeConfig(users=1, turns=1, prompt=5, pool=0.01, page_size=8)):
+    flags = dict(f[2:].split("=") for f in cfg.server_flags())
+    pages, max_len, page = (int(flags[k]) for k in ("num_pages", "max_model_len", "page_size"))
+    assert pages * page >= max_len > cfg.final_tokens(), (cfg, flags)
+    assert pages >= int(cfg.pool * cfg.users * cfg.final_tokens() / page) - 1
+
+
+def test_prometheus_samples_are_read_by_name_and_labels():
+  from ridgeline.tools.bench.conversation_serve import _sample
+  text = ('# TYPE ridgeline_computed_tokens counter\n'
+          'ridgeline_computed_tokens_total{kind="decode"} 5.0\n'
+          'ridgeline_computed_tokens_total{kind="prefill"} 7.0\n')
+  assert _sample(text, "ridgeline_computed_tokens_total", {"kind": "prefill"}) == 7.0
+  assert _sample(text, "ridgeline_computed_tokens_total", {"kind": "decode"}) == 5.0
+  assert _sample(text, "ridgeline_missing_total") == 0.0
