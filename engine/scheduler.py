@@ -40,7 +40,8 @@ running sequence of the lowest priority is preempted: its pages are freed (full
 ones stay in the prefix cache) and it goes back to the front of its priority's
 queue with its generated tokens, to be recomputed later. Low-priority work
 (priority > 0, batch lines) is admitted only while a reserve of free pages stays
-for interactive requests. Nothing is lost, and a greedy output is unchanged.
+for interactive requests and the batch is below `batch_rows`. Nothing is lost,
+and a greedy output is unchanged.
 Pages, prefix lookups (and the host tier under them, engine/kv_host.py),
 publishing and forks go through the KV-cache manager (engine/kv_cache.py); text
 and stop strings through engine/outputs.py.
