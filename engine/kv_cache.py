@@ -255,10 +255,10 @@ class KVCacheManager:
     return len(found) * s
 
   def attach_host(self, host, save, load, prefer_copy) -> None:
-    """Puts a host tier under the device pool. save(pages) -> the device arrays
-    of those pages (a gather dispatched now, so before any later step writes
-    them); load(pages, rows) writes host rows into device pages (dispatched now,
-    so before the step that reads them); prefer_copy(context tokens, tokens,
+    """Puts a host tier under the device pool. save(pages) -> a host copy of each
+    page (a gather dispatched now, so before any later step writes them);
+    load(pages, copies) writes host copies into device pages (dispatched now, so
+    before the step that reads them); prefer_copy(context tokens, tokens,
     tokens after them): whether copying a host hit back beats recomputing it."""
     self.host, self._load, self.prefer_copy = host, load, prefer_copy
     self.allocator.on_evict = lambda pages, keys: host.put(keys, save(pages))
@@ -268,7 +268,7 @@ class KVCacheManager:
     """Extends a device prefix hit (pages before j; `key` is page j's key, a
     device miss) with the consecutive pages the host tier holds, if copying
     them back is priced cheaper than recomputing them and the pool has room:
-    they get fresh device pages, published under their keys, their rows
+    they get fresh device pages, published under their keys, their contents
     written in at once (ahead of any step that reads them)."""
     s = self.page_size
     hits = []
@@ -285,9 +285,9 @@ class KVCacheManager:
     if not self.prefer_copy(len(found) * s, n, rest) or len(hits) > self.allocator.num_free:
       self.last_host = (n, 0, n)
       return
-    rows = self.host.take(hits)  # before allocating: that may evict host entries
+    copies = self.host.take(hits)  # before allocating: that may evict host entries
     pages = self.allocator.allocate(len(hits))
-    self._load(pages, rows)
+    self._load(pages, copies)
     for page, k in zip(pages, hits):
       self.allocator.cache(page, k)
     self.last_host = (n, n, 0)

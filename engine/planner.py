@@ -104,6 +104,10 @@ class Planner:
     self.dtype = roofline.matmul_dtype(model_config, peaks)  # fp8 peaks for W8A8
     self.ridge = peaks.ridge_point(self.dtype)
     self.copy_latency = 0.0  # seconds a host-tier copy costs besides its bytes
+    # The share of the roofline that steps computing prompt tokens achieve here
+    # (observe_step); 1 until one has run.
+    self.prefill_efficiency = 1.0
+    self.prefill_steps_observed = 0
     self.prices: collections.deque[Price] = collections.deque(maxlen=4096)  # the latest
 
   @functools.cached_property
@@ -175,6 +179,16 @@ class Planner:
       budget //= 2
     return Plan(batch, max(budget, 1), self.ridge)
 
+  def observe_step(self, cost: roofline.StepCost, seconds: float) -> None:
+    """A step that computed prompt tokens took `seconds`: folds its share of the
+    roofline (lower bound / measured) into `prefill_efficiency` (an exponential
+    average over the last ~10 such steps)."""
+    if seconds > 0 and cost.flops > 0:
+      achieved = min(1.0, self._seconds(cost) / seconds)
+      self.prefill_efficiency = achieved if not self.prefill_steps_observed else (
+          0.9 * self.prefill_efficiency + 0.1 * achieved)
+      self.prefill_steps_observed += 1
+
   def prefer_copy(self, context: int, tokens: int, rest: int) -> bool:
     """A host-tier hit of `tokens` prompt tokens after `context` cached ones, with
     `rest` more to compute after them: copy its pages back (True) or recompute
@@ -184,8 +198,10 @@ class Planner:
     those tokens add to the prefill step that computes the rest anyway (its
     roofline time with them, minus without: their FLOPs, their K/V and the
     attention reads they add, the weights being read once either way; the
-    whole step's when nothing else would run). `host_kv_policy` "copy" or
-    "recompute" forces the answer."""
+    whole step's when nothing else would run), over the share of the roofline
+    this device's prefill steps achieve (`prefill_efficiency`, measured as
+    they run: the bound alone made a 2-core CPU recompute what it copies back
+    faster). `host_kv_policy` "copy" or "recompute" forces the answer."""
     policy = self.config.host_kv_policy
     if policy != "price":
       return policy == "copy"
@@ -193,7 +209,7 @@ class Planner:
             + tokens * self.kv_bytes_per_token / self.peaks.host_link_bandwidth)
     with_them = self._seconds(self.cost([(context, tokens + rest)]))
     without = self._seconds(self.cost([(context + tokens, rest)])) if rest else 0.0
-    recompute = with_them - without
+    recompute = (with_them - without) / self.prefill_efficiency
     self.prices.append(Price(context, tokens, copy, recompute, copy < recompute))
     return copy < recompute
 

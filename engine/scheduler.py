@@ -153,11 +153,8 @@ class Scheduler(Admission, Dispatch, Collect):
     t0 = time.perf_counter()
     evictions = self.allocator.evictions
     tier = self._tier_counts()
-    gathered = self.kv.host.unsettled if self.kv.host is not None else 0
     new = self._dispatch()
     deltas, wait = self._collect(self._inflight) if self._inflight is not None else ([], 0.0)
-    if gathered:
-      self.kv.host.settle(gathered)  # gathered before the step just read was dispatched
     if new is not None:
       new.sampled = self._sample(new)
     self._inflight = new

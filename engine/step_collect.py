@@ -42,6 +42,8 @@ class Collect:
     seconds = now - max(self._last_ready, step.sampled.dispatched_at)
     self._last_ready = now
     self._measured[step.shape] = seconds
+    if step.kind != "decode":
+      self.planner.observe_step(step.cost, seconds)
     peaks, dtype = self.planner.peaks, self.planner.dtype
     self.metrics.on_step(step.kind, step.decode_rows, step.tokens, step.cost.flops,
                          step.cost.bytes, seconds, roofline.mfu(step.cost, seconds, peaks, dtype),

@@ -47,3 +47,14 @@ def test_every_step_variant_lowers_for_cuda(kv_dtype):
   assert sampler.history_rows.shape[0] > sampler_inputs.HISTORY_TOKENS
   assert sampler.banned.shape[1] > sampler_inputs.BAN_WIDTH and sampler.allowed is not None
   assert runner.export(shape, sampler=sampler)[1].platforms == ("cuda",)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_the_host_tiers_copies_lower_for_cuda(kv_dtype):
+  """The host KV tier's gather into pinned host memory and its scatter back."""
+  model = transformer_lib.Transformer(models.get("tiny"), rngs=nnx.Rngs(0))
+  engine = Engine(model, None, dataclasses.replace(CONFIG, kv_dtype=kv_dtype,
+                                                   host_kv_cache_bytes=1 << 20))
+  gather, scatter = engine.runner.export_copies(width=4)
+  assert gather.platforms == scatter.platforms == ("cuda",)
+  assert "pinned_host" in str(gather.out_shardings_hlo) or "pinned_host" in gather.mlir_module()

@@ -105,17 +105,73 @@ def test_reload_under_preemption_and_mixed_steps(model):
   assert e.num_free_pages() == 12
 
 
+def test_a_preempted_sequence_gets_its_generated_pages_back_from_the_host(model):
+  """A batch sequence (priority 1) preempted mid-answer by an interactive one on
+  a one-row, 12-page engine: the interactive request (12 pages) evicts the pages
+  the batch sequence had filled (its answer's too) into the host tier; when it
+  resumes they are copied back, not recomputed, and both outputs equal each
+  alone."""
+  rng = np.random.default_rng(4)
+  low, high = ([int(t) for t in rng.integers(1, 400, size=n)] for n in (10, 76))
+  p_low = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+  p_high = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+  alone = _engine(model, num_pages=40)
+  expected = [alone.generate([low], p_low)[0].token_ids,
+              alone.generate([high], p_high)[0].token_ids]
+
+  def run(host_bytes):
+    e = _engine(model, host_bytes=host_bytes, policy="copy", num_pages=12, max_batch=1,
+                max_model_len=96)
+    first = e.add_request(low, p_low, priority=1)
+    for _ in range(20):  # its prompt, then most of 20 answer tokens: 3 full pages
+      e.step()
+    second = e.add_request(high, p_high)
+    while e.has_unfinished():
+      e.step()
+    got = [e.get_output(r).outputs[0].token_ids for r in (first, second)]
+    assert e.num_free_pages() == 12  # no leaks
+    return got, e
+
+  for host_bytes in (None, 10**7):
+    got, e = run(host_bytes)
+    assert got == expected
+    assert e.metrics.snapshot()["preemptions"] > 0
+  off_prefill = _prefill_tokens(run(None)[1])
+  tier = e.metrics.snapshot()["prefix_cache"]["host_tier"]
+  assert tier["loaded_tokens"] == 3 * PAGE, tier  # two of them hold answer tokens
+  assert _prefill_tokens(e) <= off_prefill - tier["loaded_tokens"]
+
+
+def test_the_price_rule_prices_recompute_at_the_speed_prefill_achieves():
+  """A hit the roofline alone would recompute is copied back once the steps that
+  computed prompts are seen to run at a tenth of the roofline."""
+  p = Planner(models.get("llama-3.1-8b"),
+              EngineConfig(page_size=16, max_batch=8, max_model_len=8192),
+              roofline.PEAKS["H100"])
+  p.prefer_copy(0, 1024, 1024)  # compute-bound: recomputing costs the bound's time
+  bound = p.prices[-1]
+  p.copy_latency = 2 * bound.recompute_s - bound.copy_s  # a copy twice the bound's
+  assert not p.prefer_copy(0, 1024, 1024)
+  cost = p.cost([(0, 2048)])
+  p.observe_step(cost, 10 * cost.time_lower_bound(p.peaks, p.dtype))
+  assert p.prefill_efficiency == pytest.approx(0.1)
+  assert p.prefer_copy(0, 1024, 1024)
+  assert p.prices[-1].recompute_s == pytest.approx(10 * bound.recompute_s)
+  p.observe_step(cost, cost.time_lower_bound(p.peaks, p.dtype))  # an average, not the last
+  assert p.prefill_efficiency == pytest.approx(0.19)
+
+
 def test_hash_chain_keeps_other_prefixes_out():
   """Two sequences whose second pages hold the same tokens after different first
   pages: the second's lookup finds nothing of the first's in the host tier."""
   kv = kv_cache.KVCacheManager(4, 4, 4, capacity=2)
-  saved = {}
+  loaded = {}
 
-  def save(pages):
-    return [jax.numpy.asarray(np.asarray(pages, np.float32)[:, None])]
+  def save(pages):  # a host page per page: here, the page's own number
+    return [(np.float32(p),) for p in pages]
 
   host = HostTier(16, 4)
-  kv.attach_host(host, save, lambda pages, rows: saved.update(zip(pages, rows[0])),
+  kv.attach_host(host, save, lambda pages, rows: loaded.update(zip(pages, rows)),
                  lambda *a: True)
   a = np.array([1, 2, 3, 4, 9, 9, 9, 9, 5], np.int32)
   kv.reuse_prefix(0, a)
@@ -129,18 +185,69 @@ def test_hash_chain_keeps_other_prefixes_out():
   assert kv.reuse_prefix(0, b) == 0 and kv.last_host == (0, 0, 0)
   kv.release(0)
   assert kv.reuse_prefix(0, a) == 8 and kv.last_host == (8, 8, 0)  # its own: both
+  assert len(loaded) == 2
 
 
-def test_a_saved_page_is_the_one_before_it_is_overwritten(model):
-  e = _engine(model)
+def _page(runner, page):
+  return [np.asarray(x[page]) for x in jax.tree.leaves(runner.kv)]
+
+
+def _host_page(runner, saved):
+  """A host page as numpy, one array per pool leaf in the pools' order."""
+  out = {}
+  for group, stacked in zip(runner._copy_groups, saved):
+    assert stacked.sharding.memory_kind == "pinned_host"
+    for k, i in enumerate(group):
+      out[i] = np.asarray(stacked[k])
+  return [out[i] for i in range(len(out))]
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_a_saved_page_is_the_one_before_it_is_overwritten(model, kv_dtype):
+  """Page 3 saved to host memory, then overwritten on the device by a copy of
+  page 5 dispatched after it: the host copy is page 3 as it was (8-bit values and
+  scales as they are)."""
+  e = _engine(model, kv_dtype=kv_dtype)
+  e.generate([list(range(1, 60))], GREEDY)  # pages 0..7 hold K/V
   runner = e.runner
-  before = [np.asarray(x[3]) for x in jax.tree.leaves(runner.kv)]
-  saved = runner.save_pages([3])  # dispatched first
-  new = [np.full((1,) + b.shape, 5, b.dtype) for b in before]
-  runner.load_pages([3], new)  # then the page is overwritten
-  assert all(np.array_equal(np.asarray(s)[0], b) for s, b in zip(saved, before))
-  assert all(np.array_equal(np.asarray(x[3]), n[0])
-             for x, n in zip(jax.tree.leaves(runner.kv), new))
+  before, other = _page(runner, 3), _page(runner, 5)
+  assert not all(np.array_equal(a, b) for a, b in zip(before, other))
+  saved = runner.save_pages([3, 5])  # dispatched first
+  runner.load_pages([3], saved[1:])  # then page 3 becomes page 5
+  assert all(np.array_equal(h, b) for h, b in zip(_host_page(runner, saved[0]), before))
+  assert all(np.array_equal(a, b) for a, b in zip(_page(runner, 3), other))
+
+
+def test_a_copy_wider_than_one_program_goes_in_several(model):
+  """70 pages (one gather and scatter moves at most 64) copied out and back in
+  reverse order."""
+  from ridgeline.engine.kv_copies import MAX_WIDTH
+  e = _engine(model, num_pages=80)
+  runner = e.runner
+  runner.kv = jax.tree.map(  # every page's K/V different
+      lambda x: jax.device_put(np.random.default_rng(0).normal(size=x.shape).astype(x.dtype),
+                               x.sharding), runner.kv)
+  pages = list(range(70))
+  assert len(pages) > MAX_WIDTH
+  before = [_page(runner, p) for p in pages]
+  runner.load_pages(pages[::-1], runner.save_pages(pages))
+  for p in pages:
+    assert all(np.array_equal(a, b) for a, b in zip(_page(runner, 69 - p), before[p]))
+
+
+def test_the_tier_copies_each_devices_shard_of_a_sharded_pool(model):
+  """KV heads split over a 1x2 mesh: pages saved and copied back per device,
+  outputs equal to the tier off on one device."""
+  from ridgeline.model import sharding
+  expected = _conversations(_engine(model))
+  e = Engine(model, None, EngineConfig(
+      page_size=PAGE, num_pages=20, max_model_len=128, max_batch=4, prefill_chunk=32,
+      max_prefill_batch=4, host_kv_cache_bytes=64 * _engine(model).runner.page_bytes,
+      host_kv_policy="copy"), mesh=sharding.make_mesh("data=1,model=2"))
+  assert _conversations(e) == expected
+  assert e.metrics.snapshot()["prefix_cache"]["host_tier"]["loaded_tokens"] > 0
+  assert all(len(s.sharding.device_set) == 2 and s.sharding.memory_kind == "pinned_host"
+             for s in e.runner.save_pages([0])[0])
 
 
 def test_the_price_rule_follows_the_host_link():
