@@ -247,9 +247,9 @@ def run_conversation_serve() -> None:
   server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
                   if FLAGS[n].present]
   command, env = serve_bench.server_command()
-  log = str(pathlib.Path(FLAGS.output).with_suffix(".server.log"))
 
-  def serve(extra):
+  def serve(extra, policy):
+    log = str(pathlib.Path(FLAGS.output).with_suffix(f".{policy}.server.log"))
     cmd = [*command, *server_flags, *extra]
     print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
     return serve_bench.start_server(cmd, log_path=log, env=env)

@@ -128,6 +128,14 @@ def test_conversation_serve_sizes_a_pool_that_holds_a_whole_conversation():
     assert pages >= int(cfg.pool * cfg.users * cfg.final_tokens() / page) - 1
 
 
+def test_conversation_serve_counts_the_prompt_tokens_never_seen():
+  """Two users, three turns: first prompts whole, later ones beyond the previous
+  prompt and its 4-token answer (never below 0)."""
+  from ridgeline.tools.bench.conversation_serve import fresh_prompt_tokens
+  prompts = [10, 12, 20, 22, 30, 25]  # turn k is user k % 2
+  assert fresh_prompt_tokens(prompts, users=2, answer=4) == 10 + 12 + 6 + 6 + 6 + 0
+
+
 def test_prometheus_samples_are_read_by_name_and_labels():
   from ridgeline.tools.bench.conversation_serve import _sample
   text = ('# TYPE ridgeline_computed_tokens counter\n'
