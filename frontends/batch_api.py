@@ -54,7 +54,8 @@ from fastapi.responses import FileResponse
 
 from ridgeline.frontends import openai_format as oaf
 from ridgeline.frontends.batch_runner import BATCH_PRIORITY, BatchRunner
-from ridgeline.frontends.batch_store import ENDPOINTS, BatchStore, FileStore, check_upload
+from ridgeline.frontends.batch_store import (ENDPOINTS, BatchStore, FileStore, check_upload,
+                                            cursor_page)
 from ridgeline.frontends.completions import json_body
 
 __all__ = ["add_routes", "BatchRunner", "BatchStore", "FileStore", "check_upload",
@@ -96,11 +97,14 @@ def add_routes(app: FastAPI, batches: BatchRunner | None, engine) -> None:
         os.remove(tmp)
 
   @app.get("/v1/files")
-  async def list_files(purpose: str | None = None):
-    data = runner().files.list(purpose)
-    return {"object": "list", "data": data, "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
+  async def list_files(purpose: str | None = None, limit: int = 10000, order: str = "desc",
+                       after: str | None = None):
+    if not 1 <= limit <= 10000:
+      raise oaf.OpenAIError(f"limit must be in [1, 10000], got {limit}", "limit")
+    if order not in ("asc", "desc"):
+      raise oaf.OpenAIError(f"order must be 'asc' or 'desc', got {order!r}", "order")
+    files = runner().files.list(purpose)  # newest first
+    return cursor_page(files[::-1] if order == "asc" else files, limit, after, "file")
 
   @app.get("/v1/files/{file_id}")
   async def get_file(file_id: str):

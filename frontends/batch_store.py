@@ -90,6 +90,19 @@ class FileStore:
     return {"id": file_id, "object": "file", "deleted": True}
 
 
+def cursor_page(items: list[dict], limit: int, after: str | None, what: str) -> dict:
+  """OpenAI's list object over `items` (in the listing's order): at most `limit`
+  of them after the one whose id is `after`."""
+  if after is not None:
+    ids = [x["id"] for x in items]
+    if after not in ids:
+      raise oaf.OpenAIError(f"after: no {what} {after}", "after")
+    items = items[ids.index(after) + 1:]
+  page = items[:limit]
+  return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
 def check_upload(path: str, check: Callable[[Any, Any], None]) -> int:
   """Checks a Batch API input file line by line; returns its number of requests.
   Raises OpenAIError naming the first bad line (1-based, blank lines counted) and
@@ -185,15 +198,7 @@ class BatchStore:
     return [b for b in self._sorted(False) if b["status"] in ACTIVE]
 
   def list(self, limit: int = 20, after: str | None = None) -> dict:
-    batches = self._sorted(True)
-    if after is not None:
-      ids = [b["id"] for b in batches]
-      if after not in ids:
-        raise oaf.OpenAIError(f"after: no batch {after}", "after")
-      batches = batches[ids.index(after) + 1:]
-    page = batches[:limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}
+    return cursor_page(self._sorted(True), limit, after, "batch")
 
   def create(self, body: Any) -> dict:
     if not isinstance(body, dict):

@@ -119,6 +119,26 @@ def test_round_trip_with_the_openai_client(served, alone):
     client.files.retrieve(f.id)
 
 
+def test_files_list_pages_as_openai(served):
+  """limit, order and the after cursor; the client's auto-pagination walks every page."""
+  client = served.client
+  ids = [client.files.create(file=(f"in{i}.jsonl", io.BytesIO(_jsonl([_line(i)]))),
+                             purpose="batch").id for i in range(3)]
+  newest_first = [f.id for f in client.files.list().data]
+  assert sorted(newest_first) == sorted(ids)
+  first = client.files.list(limit=2)
+  assert [f.id for f in first.data] == newest_first[:2] and first.has_more
+  rest = client.files.list(limit=2, after=first.data[-1].id)
+  assert [f.id for f in rest.data] == newest_first[2:] and not rest.has_more
+  assert [f.id for f in client.files.list(order="asc").data] == newest_first[::-1]
+  assert [f.id for f in client.files.list(limit=1)] == newest_first  # every page
+  for bad, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"),
+                     ({"after": "file-nope"}, "after")):
+    r = httpx.get(served.url + "/v1/files", params=bad,
+                  headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize("lines,code,where", [
     (["{not json"], "invalid_json_line", "line 1"),
     ([_line(0), _line(0)], "duplicate_custom_id", "line 2"),
