@@ -52,11 +52,9 @@ class _Run:
 
   def __init__(self, batch: dict, input_path: str, journal_path: str):
     self.id = batch["id"]
+    self.input_path = input_path
     self.writer = journal.ResultWriter(journal_path)
-    import grain
-    ds = records.make_dataset(input_path)
-    self.items = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
-                                                           prefetch_buffer_size=0)))
+    self.items = _items(input_path)
     self.exhausted = False
     self.retry: list = []  # lines the engine refused for capacity: submitted again
     self.live: dict[str, records.Item] = {}  # engine request id -> its line
@@ -76,6 +74,20 @@ class _Run:
   @property
   def finished(self) -> bool:
     return self.exhausted and not self.retry and not self.live
+
+
+def _items(input_path: str):
+  """The parsed lines of a batch's input file, in order."""
+  import grain
+  return iter(records.make_dataset(input_path).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+# What OpenAI's error file says of a line a cancelled or expired batch never ran.
+NOT_RUN = {"cancelled": ("batch_cancelled", "The batch was cancelled before this request "
+                         "executed."),
+           "expired": ("batch_expired", "The request could not be executed before the "
+                       "completion window ended.")}
 
 
 class BatchRunner:
@@ -253,9 +265,11 @@ class BatchRunner:
     run.exhausted = True
 
   def _finalize(self, run: _Run, batch: dict, final: str) -> None:
-    """The output and error files from the journal, in input order; the batch's
-    final status (`final`: completed, cancelled, expired; kept in the batch while
-    finalizing). Idempotent: a restart during it does it again."""
+    """The output and error files from the journal, in input order (a cancelled or
+    expired batch's error file also lists the lines it never ran, with OpenAI's
+    codes, uncounted in request_counts.failed); the batch's final status (`final`:
+    completed, cancelled, expired; kept in the batch while finalizing). Idempotent:
+    a restart during it does it again."""
     if batch["status"] != "finalizing":
       batch = self.batches.update(run.id, status="finalizing", finalizing_at=now(),
                                   _final_status=final)
@@ -264,6 +278,13 @@ class BatchRunner:
     rows = sorted(journal.read_records(run.writer.path), key=lambda r: r["line"])
     ok = [r for r in rows if r.get("response")]
     bad = [r for r in rows if not r.get("response")]
+    failed = len(bad)
+    if final in NOT_RUN:  # the lines it never ran, in the error file as OpenAI's
+      code, message = NOT_RUN[final]
+      ran = {r["line"] for r in rows}
+      bad = sorted(bad + [records.openai_error_record(item.line, item.id, message, code)
+                          for item in _items(run.input_path) if item.line not in ran],
+                   key=lambda r: r["line"])
     fields = {}
     digest = hashlib.blake2b(run.id.encode(), digest_size=12).hexdigest()
     for name, lines in (("output", ok), ("error", bad)):
@@ -276,7 +297,7 @@ class BatchRunner:
       self.files.add(file_id, f"{run.id}_{name}.jsonl", f"batch_{name}", tmp)
       fields[f"{name}_file_id"] = file_id
     counts = {"total": batch["request_counts"]["total"], "completed": len(ok),
-              "failed": len(bad)}
+              "failed": failed}
     self.batches.update(run.id, status=final, request_counts=counts,
                         **{f"{final}_at": now()}, **fields)
     self.lines.labels(run.id, "pending").set(counts["total"] - len(rows))

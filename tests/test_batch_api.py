@@ -186,14 +186,42 @@ def test_cancel_keeps_what_finished_and_two_batches_share_steps_with_interactive
   assert done1.status == "cancelled" and done1.cancelled_at is not None
   out = _output(client, done1.output_file_id)
   assert 3 <= len(out) < 200 and len({r["custom_id"] for r in out}) == len(out)
-  assert done1.request_counts.completed == len(out)
+  assert done1.request_counts.completed == len(out) and done1.request_counts.failed == 0
   assert all(r["response"]["status_code"] == 200 for r in out)
+  never_ran = _output(client, done1.error_file_id)  # OpenAI's batch_cancelled lines
+  assert all(r["response"] is None and r["error"]["code"] == "batch_cancelled"
+             for r in never_ran)
+  assert sorted(r["custom_id"] for r in out + never_ran) == sorted(x["custom_id"] for x in slow)
   texts = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
            for r in out}
   for i, text in enumerate(expected_slow):  # batch lines' greedy text is their own too
     if f"req-{i}" in texts:
       assert texts[f"req-{i}"] == text
   assert served.engine.num_free_pages() == CONFIG.num_pages
+
+
+def test_an_expired_batch_keeps_what_finished_and_lists_the_rest(served, monkeypatch):
+  """The completion window passes mid-batch: status expired, the finished lines in
+  the output file, the others in the error file as OpenAI's batch_expired."""
+  from ridgeline.frontends import batch_runner
+  client = served.client
+  lines = [_line(i, max_tokens=48) for i in range(100)]
+  f = client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(lines))), purpose="batch")
+  batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+  _wait(client, batch.id, until=lambda b: b.request_counts.completed >= 2)
+  later = time.time() + 2 * 86400
+  monkeypatch.setattr(batch_runner, "now", lambda: int(later))
+  done = _wait(client, batch.id)
+  assert done.status == "expired" and done.expired_at == int(later), done
+  out, rest = _output(client, done.output_file_id), _output(client, done.error_file_id)
+  assert 2 <= len(out) < 100 and done.request_counts.completed == len(out)
+  assert all(r["error"]["code"] == "batch_expired" and r["response"] is None for r in rest)
+  assert sorted(r["custom_id"] for r in out + rest) == sorted(x["custom_id"] for x in lines)
+  deadline = time.monotonic() + 30  # the aborts reach the engine on its own thread
+  while served.engine.num_free_pages() != CONFIG.num_pages:
+    assert time.monotonic() < deadline, "pages leaked"
+    time.sleep(0.05)
 
 
 def test_restart_during_finalizing_writes_the_same_files(model_and_tokenizer, tmp_path):
