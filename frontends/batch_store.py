@@ -223,8 +223,12 @@ class BatchStore:
       raise oaf.OpenAIError(f"completion_window must be one of {sorted(WINDOWS)}, got "
                             f"{window!r}", "completion_window")
     metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-      raise oaf.OpenAIError("metadata must be an object", "metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and len(metadata) <= 16
+        and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items())):
+      raise oaf.OpenAIError("metadata must be an object of at most 16 pairs: string keys of "
+                            "at most 64 characters, string values of at most 512", "metadata")
     t = now()
     batch = {
         "id": f"batch_{uuid.uuid4().hex}", "object": "batch", "endpoint": endpoint,

@@ -330,5 +330,10 @@ def test_a_batch_whose_lines_are_for_another_endpoint_fails(served):
     client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
                           completion_window="24h")
   assert e.value.body["param"] == "endpoint"
+  for metadata in ({f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k": 1}):
+    with pytest.raises(openai.BadRequestError) as e:
+      client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                            completion_window="24h", metadata=metadata)
+    assert e.value.body["param"] == "metadata"
   page = client.batches.list(limit=1)
   assert page.data[0].id == batch.id and not page.has_more
