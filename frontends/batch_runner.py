@@ -300,4 +300,4 @@ class BatchRunner:
               "failed": failed}
     self.batches.update(run.id, status=final, request_counts=counts,
                         **{f"{final}_at": now()}, **fields)
-    self.lines.labels(run.id, "pending").set(counts["total"] - len(rows))
+    self.lines.labels(run.id, "pending").set(0)  # ended: nothing of it waits any more

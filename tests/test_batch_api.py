@@ -218,6 +218,8 @@ def test_an_expired_batch_keeps_what_finished_and_lists_the_rest(served, monkeyp
   assert 2 <= len(out) < 100 and done.request_counts.completed == len(out)
   assert all(r["error"]["code"] == "batch_expired" and r["response"] is None for r in rest)
   assert sorted(r["custom_id"] for r in out + rest) == sorted(x["custom_id"] for x in lines)
+  metrics = httpx.get(served.url + "/metrics").text
+  assert f'ridgeline_batch_lines{{batch="{batch.id}",state="pending"}} 0.0' in metrics
   deadline = time.monotonic() + 30  # the aborts reach the engine on its own thread
   while served.engine.num_free_pages() != CONFIG.num_pages:
     assert time.monotonic() < deadline, "pages leaked"
