@@ -36,7 +36,9 @@ from its roof and why).
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import sys
 import time
 
@@ -200,9 +202,32 @@ def run_serve() -> None:
   cfg = serve_bench.ServeBenchConfig(
       url=FLAGS.url, rates=[float(r) for r in FLAGS.rates], num_requests=FLAGS.num_requests,
       input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed)
-  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
-                  if FLAGS[n].present]
-  serve_bench.main(cfg, server_flags, FLAGS.output, FLAGS.label)
+  serve_bench.main(cfg, _server_flags(), FLAGS.output, FLAGS.label)
+
+
+def _server_flags() -> list[str]:
+  """The model and engine flags given on this command line, for the server."""
+  from ridgeline.tools import serve_bench
+  return [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS if FLAGS[n].present]
+
+
+def _start_server(extra: list[str], name: str):
+  """A server process (cli/serve.py) with this command line's flags and `extra`,
+  its log beside --output as NAME.server.log; a context manager yielding its URL."""
+  from ridgeline.tools import serve_bench
+  command, env = serve_bench.server_command()
+  cmd = [*command, *_server_flags(), *extra]
+  log = str(pathlib.Path(FLAGS.output).with_suffix(f".{name}.server.log"))
+  print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
+  return serve_bench.start_server(cmd, log_path=log, env=env)
+
+
+def _write_results(key: str, res: dict) -> None:
+  out = pathlib.Path(FLAGS.output)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({key: res, "command": sys.argv, "label": FLAGS.label}, indent=1,
+                            default=float))
+  print(f"\nresults: {out}")
 
 
 def run_batch_api() -> None:
@@ -210,62 +235,32 @@ def run_batch_api() -> None:
   queued Batch API batch, and the batch alone (tools/bench/batch_api.py); starts
   the server with --batch_dir in a temporary directory unless --url is given."""
   import contextlib
-  import json
-  import pathlib
   import tempfile
-  from ridgeline.tools import serve_bench
   from ridgeline.tools.bench import batch_api
-  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
-                  if FLAGS[n].present]
   with contextlib.ExitStack() as stack:
     url = FLAGS.url
     if not url:
       root = stack.enter_context(tempfile.TemporaryDirectory(prefix="ridgeline-batches-"))
-      command, env = serve_bench.server_command()
-      cmd = [*command, *server_flags, f"--batch_dir={root}"]
-      log = str(pathlib.Path(FLAGS.output).with_suffix(".server.log"))
-      print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
-      url = stack.enter_context(serve_bench.start_server(cmd, log_path=log, env=env))
+      url = stack.enter_context(_start_server([f"--batch_dir={root}"], "batch_api"))
     res = batch_api.run(batch_api.BatchApiBenchConfig(
         url=url, batch_lines=FLAGS.batch_lines, num_requests=FLAGS.num_requests,
         input_len=FLAGS.latency_input, output_len=FLAGS.latency_output, seed=FLAGS.seed))
   print(batch_api.format_table(res))
-  out = pathlib.Path(FLAGS.output)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"batch_api": res, "command": sys.argv, "label": FLAGS.label},
-                            indent=1, default=float))
-  print(f"\nresults: {out}")
+  _write_results("batch_api", res)
 
 
 def run_conversation_serve() -> None:
   """The conversation workload as chat completions over HTTP at a rate, one server
   per host-tier policy (tools/bench/conversation_serve.py)."""
-  import json
-  import pathlib
-  from ridgeline.tools import serve_bench
   from ridgeline.tools.bench import conversation_serve as cs
-  server_flags = [f"--{n}={FLAGS[n].value}" for n in serve_bench.SERVER_FLAGS
-                  if FLAGS[n].present]
-  command, env = serve_bench.server_command()
-
-  def serve(extra, policy):
-    log = str(pathlib.Path(FLAGS.output).with_suffix(f".{policy}.server.log"))
-    cmd = [*command, *server_flags, *extra]
-    print(f"starting the server: {' '.join(cmd)} (log: {log})", flush=True)
-    return serve_bench.start_server(cmd, log_path=log, env=env)
-
   cfg = cs.ConversationServeConfig(
       users=FLAGS.conversation_users, turns=FLAGS.conversation_turns,
       prompt=FLAGS.conversation_prompt, answer=FLAGS.conversation_answer,
       message=FLAGS.conversation_message, rate=FLAGS.conversation_rate,
       pool=FLAGS.conversation_pool, page_size=FLAGS.page_size, seed=FLAGS.seed)
-  res = cs.run(cfg, serve, FLAGS.conversation_host_gb)
+  res = cs.run(cfg, _start_server, FLAGS.conversation_host_gb)
   print(cs.format_table(res))
-  out = pathlib.Path(FLAGS.output)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"conversation_serve": res, "command": sys.argv,
-                             "label": FLAGS.label}, indent=1, default=float))
-  print(f"\nresults: {out}")
+  _write_results("conversation_serve", res)
 
 
 def main(argv):

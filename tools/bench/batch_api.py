@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 
 from ridgeline.tools import serve_bench
+from ridgeline.tools.bench.common import table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +114,7 @@ def format_table(res: dict) -> str:
           ["batch alone", "-", "-", "-", "-", f"{res['batch_lines_per_s_alone']:.2f}"]]
   head = ["run", "offered req/s", "TTFT p50 ms", "TTFT p90 ms", "achieved req/s",
           "batch lines/s"]
-  widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-  fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-  lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-  lines += [fmt.format(*r) for r in rows]
+  lines = [table(rows, head)]
   lines.append(f"capacity {res['capacity_requests_per_s']:.2f} req/s; TTFT p50 with / without "
                f"the batch {res['ttft_p50_ratio']:.2f} (target <= 1.20); batch lines/s beside "
                f"the traffic / alone {res['batch_ratio']:.2f} (target >= 0.60)")
