@@ -129,11 +129,14 @@ def test_conversation_serve_sizes_a_pool_that_holds_a_whole_conversation():
 
 
 def test_conversation_serve_counts_the_prompt_tokens_never_seen():
-  """Two users, three turns: first prompts whole, later ones beyond the previous
-  prompt and its 4-token answer (never below 0)."""
+  """Two users whose first prompts share a 3-token system prompt, then one's
+  second turn: its history, its 2-token answer, then 2 new tokens."""
   from ridgeline.tools.bench.conversation_serve import fresh_prompt_tokens
-  prompts = [10, 12, 20, 22, 30, 25]  # turn k is user k % 2
-  assert fresh_prompt_tokens(prompts, users=2, answer=4) == 10 + 12 + 6 + 6 + 6 + 0
+  sys_, a, b = [1, 2, 3], [10, 11, 12], [20, 21]
+  prompts = [sys_ + a, sys_ + b, sys_ + a + [30, 31] + [40, 41]]
+  assert fresh_prompt_tokens(prompts, answer=2) == 6 + 2 + 2
+  # A prompt that only shares part of an earlier one does not continue it.
+  assert fresh_prompt_tokens([sys_ + a, sys_ + [9, 9, 9, 9]], answer=2) == 6 + 4
 
 
 def test_prometheus_samples_are_read_by_name_and_labels():

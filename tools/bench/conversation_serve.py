@@ -17,16 +17,18 @@ words: a word is about a token, plus the chat template's tokens per message).
 Reported per policy: TTFT p50 / p99 of the turns after the first (client-side,
 from the request's send to its first content chunk), the achieved request rate,
 output tokens/s, prefill tokens computed (from /metrics) and of them the prompt
-tokens recomputed (computed beyond the tokens the server had never seen: a
-first message whole, then each turn's prompt beyond the previous turn's prompt
-and answer, from the responses' usage), the prefix cache's and the host tier's
-hit tokens, and whether the answers equal the first policy's.
+tokens recomputed (computed beyond the tokens the server had never seen: each
+prompt's tokens, by the server's /tokenize, past its longest common prefix with
+any prompt sent before it, less the previous answer's tokens it continues), the
+prefix cache's and the host tier's hit tokens, and whether the answers equal the
+first policy's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 from typing import Callable, ContextManager
@@ -35,6 +37,7 @@ import httpx
 import numpy as np
 from prometheus_client import parser
 
+from ridgeline.tools.bench.common import table
 from ridgeline.util import ceil_div, percentiles
 
 POLICIES = (("off", None), ("price", "price"), ("copy", "copy"), ("recompute", "recompute"))
@@ -118,6 +121,7 @@ async def _workload(cfg: ConversationServeConfig, url: str) -> dict:
     history = [[{"role": "user", "content": f}] for f in firsts]
     done = [asyncio.Event() for _ in range(n)]
     ttft, answers, prompt_tokens = [None] * n, [None] * n, [0] * n
+    sent, order, sends = [None] * n, [0] * n, itertools.count()
     t0 = time.perf_counter()
 
     async def one(k: int) -> None:
@@ -126,8 +130,8 @@ async def _workload(cfg: ConversationServeConfig, url: str) -> dict:
       if turn:
         await done[k - cfg.users].wait()  # the user read the previous answer
         history[u] += [{"role": "user", "content": later[u][turn]}]
-      first, _, text, prompt_tokens[k] = await _turn(client, model, list(history[u]),
-                                                     cfg.answer)
+      sent[k], order[k] = list(history[u]), next(sends)
+      first, _, text, prompt_tokens[k] = await _turn(client, model, sent[k], cfg.answer)
       history[u] += [{"role": "assistant", "content": text}]
       ttft[k], answers[k] = first, text
       done[k].set()
@@ -135,8 +139,11 @@ async def _workload(cfg: ConversationServeConfig, url: str) -> dict:
     await asyncio.gather(*(one(k) for k in range(n)))
     wall = time.perf_counter() - t0
     metrics = (await client.get("/metrics")).text
+    # Every prompt's token ids (the server's own template), in the order they were sent.
+    ids = [(await client.post("/tokenize", json={"model": model, "messages": sent[k]})
+            ).json()["tokens"] for k in sorted(range(n), key=order.__getitem__)]
   return {"ttft": ttft, "answers": answers, "prompt_tokens": prompt_tokens, "wall": wall,
-          "metrics": metrics}
+          "metrics": metrics, "fresh_tokens": fresh_prompt_tokens(ids, cfg.answer)}
 
 
 def _sample(text: str, name: str, labels: dict | None = None) -> float:
@@ -147,13 +154,22 @@ def _sample(text: str, name: str, labels: dict | None = None) -> float:
   return 0.0
 
 
-def fresh_prompt_tokens(prompt_tokens: list[int], users: int, answer: int) -> int:
-  """Prompt tokens the server had never seen: turn k is user k % users' turn
-  k // users; a first turn is all new, a later one is new beyond the user's
-  previous prompt and its `answer` tokens (the chat template's tokens around
-  them, and the new message)."""
-  return sum(p if k < users else max(0, p - prompt_tokens[k - users] - answer)
-             for k, p in enumerate(prompt_tokens))
+def fresh_prompt_tokens(prompts: list[list[int]], answer: int) -> int:
+  """Prompt tokens the server had never seen, over `prompts` (token ids, in the
+  order they were sent): each prompt's tokens past its longest common prefix with
+  any earlier one (another user's first message shares the template's system
+  prompt; a later turn its whole history), less the `answer` tokens of the
+  previous turn when it continues one (the server computed those decoding)."""
+  fresh = 0
+  for k, p in enumerate(prompts):
+    common, continues = 0, False
+    for q in prompts[:k]:
+      n = min(len(p), len(q))
+      lcp = next((i for i in range(n) if p[i] != q[i]), n)
+      if lcp > common:
+        common, continues = lcp, lcp == len(q)
+    fresh += max(0, len(p) - common - (answer if continues else 0))
+  return fresh
 
 
 def run(cfg: ConversationServeConfig, serve: Callable[[list[str], str], ContextManager[str]],
@@ -170,7 +186,7 @@ def run(cfg: ConversationServeConfig, serve: Callable[[list[str], str], ContextM
     later = [t for k, t in enumerate(out["ttft"]) if k >= cfg.users]
     t = percentiles(later)
     n = cfg.users * cfg.turns
-    fresh = fresh_prompt_tokens(out["prompt_tokens"], cfg.users, cfg.answer)
+    fresh = out["fresh_tokens"]
     res = {
         "ttft_s": t, "wall_s": out["wall"], "request_rate": n / out["wall"],
         "output_tok_s": n * cfg.answer / out["wall"],
@@ -207,10 +223,7 @@ def format_table(res: dict) -> str:
   head = ["policy", "prefill tok", "recomputed tok", "TTFT p50 ms", "TTFT p99 ms", "req/s",
           "output tok/s", "prefix hit tok", "host copied tok", "answers = off"]
   rows = res["rows"]
-  widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-  fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-  lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-  lines += [fmt.format(*r) for r in rows]
+  lines = [table(rows, head)]
   lines.append(f"priced tier vs off: prefill tokens -{res['prefill_reduction']:.0%}, recomputed "
                f"prompt tokens -{res['recomputed_reduction']:.0%} (target >= 80%), TTFT p50 "
                f"{res['ttft_p50_speedup']:.2f}x lower, throughput {res['throughput_ratio']:.2f}x")
